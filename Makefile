@@ -1,0 +1,26 @@
+# Each target does all of its set-up on a fresh machine: a virtual environment in .venv, the CPU
+# build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the
+# package. Override PYTHON or TORCH_SPEC if you need another interpreter or torch build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench setup
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+
+demo: setup
+	$(BIN)/clipprior demo --out clipprior-demo.png
+
+test: setup
+	$(BIN)/ruff check clipprior cli tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_precompute.py

@@ -1,0 +1,1 @@
+"""The ``clipprior`` command-line interface (installed as ``clipprior.cli``)."""

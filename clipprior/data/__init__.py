@@ -1,0 +1,1 @@
+"""Few-shot segmentation data: PASCAL-5i, COCO-20i, list files, episodes."""

@@ -1,0 +1,73 @@
+"""Exception types raised by clipprior.
+
+Every exception derives from :class:`ClipPriorError` and from the built-in type a caller would
+naturally catch (``ValueError``, ``FileNotFoundError``, ``KeyError``, ...), so
+``except ValueError`` keeps working while ``except ClipPriorError`` catches everything of ours.
+Messages name the offending value and say how to fix it.
+
+Example:
+    >>> from clipprior.errors import InvalidInputError
+    >>> try:
+    ...     raise InvalidInputError("empty class list; pass at least one class name")
+    ... except ValueError as err:
+    ...     print(err)
+    empty class list; pass at least one class name
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheError",
+    "CacheKeyError",
+    "CacheMismatchError",
+    "ClipPriorError",
+    "ConfigError",
+    "DataNotFoundError",
+    "DatasetError",
+    "InvalidInputError",
+    "ModelLoadError",
+    "WeightsNotFoundError",
+]
+
+
+class ClipPriorError(Exception):
+    """Base class of every error raised by clipprior."""
+
+
+class InvalidInputError(ClipPriorError, ValueError):
+    """A tensor, image, mask or argument passed to a prior function is unusable."""
+
+
+class ConfigError(ClipPriorError, ValueError):
+    """A :class:`~clipprior.config.PriorConfig` field or preset name is invalid."""
+
+
+class ModelLoadError(ClipPriorError, RuntimeError):
+    """A CLIP model or tokenizer could not be loaded or converted."""
+
+
+class WeightsNotFoundError(ModelLoadError, FileNotFoundError):
+    """CLIP weights are neither on disk nor reachable on the hub (offline, missing file)."""
+
+
+class DatasetError(ClipPriorError, ValueError):
+    """A dataset file, list line, image or mask is broken or inconsistent."""
+
+
+class DataNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset root, list file, image or mask does not exist."""
+
+
+class CacheError(ClipPriorError, RuntimeError):
+    """A prior cache file cannot be written or read."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """An existing cache was written with settings other than the ones requested."""
+
+
+class CacheKeyError(CacheError, KeyError):
+    """A requested entry is not in the prior cache."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
