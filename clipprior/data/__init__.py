@@ -1,1 +1,51 @@
-"""Few-shot segmentation data: PASCAL-5i, COCO-20i, list files, episodes."""
+"""The benchmarks' data: PASCAL-5i and COCO-20i as the PFENet-family trainers define them.
+
+- :mod:`~clipprior.data.classes`: class names, PI-CLIP prompt names, fold definitions.
+- :mod:`~clipprior.data.layout`: the on-disk layouts and the remapping of list paths onto them.
+- :mod:`~clipprior.data.images`: :func:`load_rgb` / :func:`load_label`, the one place files become arrays.
+- :mod:`~clipprior.data.lists`: reading, building (the 2048-pixel rule) and writing the trainers' list files.
+- :mod:`~clipprior.data.dataset`: :func:`open_dataset` -> :class:`FSSDataset`.
+- :mod:`~clipprior.data.episodes`: the seeded episode sampler and the episode-list file format.
+- :mod:`~clipprior.data.coco`: COCO instances JSON -> class-index PNG masks.
+- :mod:`~clipprior.data.synthetic`: tiny benchmarks in the real layouts, for tests and demos.
+
+Example:
+    >>> from clipprior.data import fold_classes, PASCAL_CLASSES
+    >>> [PASCAL_CLASSES[c - 1] for c in fold_classes("pascal5i", 0)]
+    ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle']
+"""
+
+from __future__ import annotations
+
+from clipprior.data.classes import (
+    COCO_CLASSES,
+    COCO_PROMPT_NAMES,
+    DATASETS,
+    PASCAL_CLASSES,
+    PASCAL_PROMPT_NAMES,
+    class_names,
+    dataset_name,
+    fold_classes,
+    num_classes,
+    prompt_names,
+)
+from clipprior.data.images import load_label, load_pair, load_rgb
+from clipprior.data.report import DataReport, Problem
+
+__all__ = [
+    "COCO_CLASSES",
+    "COCO_PROMPT_NAMES",
+    "DATASETS",
+    "PASCAL_CLASSES",
+    "PASCAL_PROMPT_NAMES",
+    "DataReport",
+    "Problem",
+    "class_names",
+    "dataset_name",
+    "fold_classes",
+    "load_label",
+    "load_pair",
+    "load_rgb",
+    "num_classes",
+    "prompt_names",
+]

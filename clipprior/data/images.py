@@ -1,0 +1,163 @@
+"""Reading images and masks: the one place where files become arrays.
+
+:func:`load_rgb` returns every image as (H, W, 3) uint8 RGB, whatever its mode: grayscale, CMYK
+(a few COCO JPEGs are), palette, RGBA / LA (alpha dropped), 16-bit grayscale (high byte kept, as
+OpenCV does). :func:`load_label` returns a mask as (H, W) uint8 class indices: single-channel
+(``L``) PNGs as they are; palette (``P``) PNGs by their indices (the class ids of VOC-style
+masks; OpenCV's grayscale read would turn them into luminances); RGB masks only when their three
+channels are equal. EXIF orientation is *not* applied: masks are stored in the images' stored
+pixel order, and a size mismatch is reported rather than silently rotated away.
+
+A missing file raises :class:`~clipprior.errors.DataNotFoundError`, an unreadable, corrupt or
+truncated one :class:`~clipprior.errors.DatasetError`, both naming the file.
+
+Example:
+    >>> import numpy as np, tempfile, pathlib
+    >>> from PIL import Image
+    >>> from clipprior.data.images import load_rgb
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "gray.png"
+    >>> Image.fromarray(np.full((4, 6), 7, np.uint8)).save(path)
+    >>> load_rgb(path).shape, int(load_rgb(path)[0, 0, 2])
+    ((4, 6, 3), 7)
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from clipprior.errors import DataNotFoundError, DatasetError
+
+__all__ = ["image_size", "load_label", "load_pair", "load_rgb"]
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _open(path: str | os.PathLike[str], what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"{what} {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"{what} {path} is corrupt, truncated or not an image ({type(err).__name__}: {err}); "
+                           "re-download or re-extract it") from err
+    return image
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of an image or mask from its header, without decoding the pixels.
+
+    Raises:
+        DataNotFoundError: The file does not exist.
+        DatasetError: The file is not a readable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"file {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"{path} is not a readable image ({type(err).__name__}: {err})") from err
+    return height, width
+
+
+def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load an image as RGB.
+
+    Args:
+        path: Image file (JPEG, PNG, ...).
+
+    Returns:
+        (H, W, 3) uint8 array, RGB channel order, C-contiguous.
+
+    Raises:
+        DataNotFoundError: The file does not exist.
+        DatasetError: The file is corrupt, truncated or of an unusable mode.
+
+    Example:
+        >>> load_rgb("JPEGImages/2007_000033.jpg").shape  # doctest: +SKIP
+        (366, 500, 3)
+    """
+    image = _open(path, "image")
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in ("I", "F"):
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # palette transparency must go through RGBA; alpha is then dropped
+    try:
+        rgb = image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"image {path} has mode {mode!r}, which cannot be converted to RGB") from err
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DatasetError(f"image {path} decoded to shape {array.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(array)
+
+
+def load_label(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load a segmentation mask as class indices.
+
+    Args:
+        path: Mask file (PNG): 0 background, 1..N classes, 255 ignore.
+
+    Returns:
+        (H, W) uint8 array.
+
+    Raises:
+        DataNotFoundError: The file does not exist.
+        DatasetError: The file is corrupt, truncated, has values above 255, or is a colour image.
+
+    Example:
+        >>> load_label("SegmentationClassAug/2007_000033.png").dtype  # doctest: +SKIP
+        dtype('uint8')
+    """
+    image = _open(path, "mask")
+    mode = image.mode
+    if mode in ("L", "P"):
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode == "1":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode == "LA":
+        return np.ascontiguousarray(np.asarray(image)[:, :, 0].astype(np.uint8))
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise DatasetError(f"mask {path} holds values outside 0..255 (mode {mode}); "
+                               "class masks must be 8-bit class indices")
+        return np.ascontiguousarray(values.astype(np.uint8))
+    if mode in ("RGB", "RGBA"):
+        values = np.asarray(image)[:, :, :3]
+        if np.array_equal(values[:, :, 0], values[:, :, 1]) and np.array_equal(values[:, :, 0], values[:, :, 2]):
+            return np.ascontiguousarray(values[:, :, 0].astype(np.uint8))
+        raise DatasetError(f"mask {path} is a colour image; expected a single-channel PNG of class indices "
+                           "(0 background, 1..N classes, 255 ignore)")
+    raise DatasetError(f"mask {path} has unsupported mode {mode!r}; expected a single-channel PNG of class indices")
+
+
+def load_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Load an image and its mask and check that they have the same size.
+
+    Returns:
+        ``(image (H, W, 3) uint8, label (H, W) uint8)``.
+
+    Raises:
+        DataNotFoundError: Either file does not exist.
+        DatasetError: Either file is broken, or their sizes differ.
+    """
+    image = load_rgb(image_path)
+    label = load_label(label_path)
+    if image.shape[:2] != label.shape:
+        raise DatasetError(f"mask {label_path} is {label.shape[0]}x{label.shape[1]} (HxW) but image {image_path} "
+                           f"is {image.shape[0]}x{image.shape[1]}; they must have the same size")
+    return image, label
