@@ -1,0 +1,141 @@
+"""Image preparation for the priors: RGB conversion, resizing to the patch grid, normalisation.
+
+Example:
+    >>> import numpy as np
+    >>> image = np.zeros((173, 251, 3), np.uint8)
+    >>> preprocess_query(image, patch_size=16).shape
+    torch.Size([3, 176, 256])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipprior.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from clipprior.errors import InvalidInputError
+
+__all__ = [
+    "ImageLike",
+    "check_finite",
+    "normalize",
+    "pixel_statistics",
+    "preprocess_query",
+    "resize_to_patch_multiple",
+    "to_rgb_array",
+]
+
+ImageLike = Image.Image | np.ndarray
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Any PIL image or array as an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are converted. Arrays may be
+    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 (or float in [0, 1]).
+
+    Raises:
+        InvalidInputError: for other shapes or dtypes, or non-finite float pixels.
+
+    Example:
+        >>> to_rgb_array(Image.new("L", (4, 2))).shape
+        (2, 4, 3)
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            peak = array.max() if array.size and array.max() > 255 else 255.0
+            image = Image.fromarray((array * (255.0 / peak)).round().astype(np.uint8), mode="L")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise InvalidInputError(
+            f"image array of shape {array.shape} is not an image; pass (H, W), (H, W, 3) or (H, W, 4)"
+        )
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InvalidInputError("image array contains NaN or Inf; clean the pixels first")
+        return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    raise InvalidInputError(f"image array of dtype {array.dtype} is not supported; pass uint8 or float in [0, 1]")
+
+
+def resize_to_patch_multiple(image: ImageLike, patch_size: int, resample: str = "bicubic") -> np.ndarray:
+    """Resize an image up to (p*ceil(H/p), p*ceil(W/p)) pixels: (H, W, 3) -> (Hr, Wr, 3) uint8."""
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    if height == 0 or width == 0:
+        raise InvalidInputError(f"image of {height}x{width} pixels is empty")
+    target = (patch_size * math.ceil(height / patch_size), patch_size * math.ceil(width / patch_size))
+    if target == (height, width):
+        return rgb
+    try:
+        filt = _RESAMPLE[resample]
+    except KeyError:
+        raise InvalidInputError(f"resample={resample!r} is not valid; choose one of {list(_RESAMPLE)}") from None
+    return np.asarray(Image.fromarray(rgb).resize((target[1], target[0]), filt))
+
+
+def pixel_statistics(norm: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std (on the [0, 1] scale) of ``"clip"`` or ``"imagenet"`` normalisation."""
+    if norm == "clip":
+        return CLIP_MEAN, CLIP_STD
+    if norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise InvalidInputError(f"pixel normalisation {norm!r} is not valid; choose 'clip' or 'imagenet'")
+
+
+def normalize(rgb: np.ndarray | torch.Tensor, norm: str = "clip") -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, scaled to [0, 1] and normalised.
+
+    Example:
+        >>> normalize(np.zeros((2, 2, 3), np.uint8)).shape
+        torch.Size([3, 2, 2])
+    """
+    mean, std = pixel_statistics(norm)
+    tensor = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+def preprocess_query(image: ImageLike, patch_size: int, resample: str = "bicubic", norm: str = "clip") -> torch.Tensor:
+    """An image as the VTP pass sees it: (H, W, 3) -> (3, Hr, Wr) float32.
+
+    Resized (PIL ``resample``) up to a multiple of the patch size, scaled to [0, 1], normalised with
+    CLIP's statistics, exactly as the official PI-CLIP code prepares the query.
+
+    Raises:
+        InvalidInputError: if the image is not an image (see :func:`to_rgb_array`).
+
+    Example:
+        >>> preprocess_query(np.zeros((20, 40, 3), np.uint8), patch_size=16).shape
+        torch.Size([3, 32, 48])
+    """
+    return normalize(resize_to_patch_multiple(image, patch_size, resample), norm)
+
+
+def check_finite(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """Raise :class:`InvalidInputError` naming ``name`` if a tensor holds NaN or Inf."""
+    items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    for tensor in items:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InvalidInputError(f"{name} contains NaN or Inf values; check the input pixels/normalisation")

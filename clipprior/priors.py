@@ -1,0 +1,794 @@
+"""The PI-CLIP priors: VTP (softmax Grad-CAM), PIR (attention refinement) and VVP.
+
+All functions take batched tensors and return batched tensors; the patch grid always comes from
+the model config and the input size. The Grad-CAM and PIR arithmetic runs in float32 whatever the
+model dtype.
+
+Example:
+    >>> from clipprior import load_clip, vtp, pir
+    >>> from clipprior.preprocess import preprocess_query
+    >>> clip = load_clip("ViT-B-16.pt", device="cpu")  # doctest: +SKIP
+    >>> pixels = preprocess_query(image, clip.patch_size)[None]  # doctest: +SKIP
+    >>> out = vtp(clip, pixels, ["cat"], return_attention=True)  # doctest: +SKIP
+    >>> refined = pir(out.cam, out.attention).refined  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from clipprior._vision import embed, patch_grid, run_layer, vision_layers
+from clipprior.config import PriorConfig
+from clipprior.errors import InvalidInputError
+from clipprior.hooks import ActivationRecorder, AttentionRecorder
+from clipprior.model import ClipBundle
+from clipprior.preprocess import ImageLike, check_finite, normalize, resize_to_patch_multiple, to_rgb_array
+
+__all__ = [
+    "EpisodePriors",
+    "PIRResult",
+    "TextFeatures",
+    "VTPResult",
+    "box_mask",
+    "compute_priors",
+    "encode_text",
+    "layer_features",
+    "minmax_normalize",
+    "pir",
+    "sinkhorn",
+    "support_features",
+    "vtp",
+    "vvp",
+    "vvp_from_features",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """L2-normalised text embeddings of the foreground and background prompts of some classes.
+
+    Attributes:
+        names: The class prompt names, in row order.
+        fg: (C, E) float32 embeddings of ``config.fg_template`` prompts.
+        bg: (C, E) float32 embeddings of ``config.bg_template`` prompts.
+    """
+
+    names: tuple[str, ...]
+    fg: torch.Tensor
+    bg: torch.Tensor
+
+    def index(self, name: str) -> int:
+        """Row of ``name``.
+
+        Raises:
+            InvalidInputError: if the class was not encoded.
+        """
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise InvalidInputError(
+                f"class {name!r} is not among the encoded text classes {list(self.names)[:10]}...; "
+                f"encode it with encode_text()"
+            ) from None
+
+
+@contextmanager
+def _eager_text_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run the text tower with eager attention for the duration of the block.
+
+    VTP with few classes is ill-conditioned: a 1e-6 change in the text features moves the CAM by
+    ~5e-4. The fused sdpa kernel differs from the reference's explicit softmax(QK^T)V in the 7th
+    digit, so the text features (computed once per class set) use the eager path.
+    """
+    config = model.config.text_config
+    previous = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _as_text_output(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # type: ignore[attr-defined]
+
+
+def encode_text(clip: ClipBundle, names: Sequence[str], config: PriorConfig | None = None,
+                batch_size: int = 256) -> TextFeatures:
+    """Encode "a photo of {c}." / "a photo without {c}." for each class name.
+
+    Args:
+        clip: The loaded CLIP.
+        names: Class prompt names (e.g. ``"person with clothes,people,human"``).
+        config: Prompt templates; defaults to :class:`PriorConfig`.
+        batch_size: Prompts per text-encoder batch.
+
+    Returns:
+        :class:`TextFeatures` with (C, E) float32 rows, L2-normalised.
+
+    Raises:
+        InvalidInputError: if ``names`` is empty or holds an empty name.
+
+    Example:
+        >>> text = encode_text(clip, ["cat", "dog"])  # doctest: +SKIP
+        >>> text.fg.shape  # doctest: +SKIP
+        torch.Size([2, 512])
+    """
+    config = config or PriorConfig()
+    names = tuple(str(n) for n in names)
+    if not names:
+        raise InvalidInputError("empty class list; pass at least one class name")
+    if any(not n.strip() for n in names):
+        raise InvalidInputError(f"class names must be non-empty strings, got {list(names)}")
+    model = clip.model
+    max_len = int(model.config.text_config.max_position_embeddings)
+    outs = []
+    for template in (config.fg_template, config.bg_template):
+        prompts = [template.format(n) for n in names]
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = clip.tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
+                                    max_length=max_len, return_tensors="pt")
+            with torch.no_grad(), _eager_text_attention(model):
+                feats = _as_text_output(model.get_text_features(input_ids=tokens["input_ids"].to(clip.device)))
+            rows.append(feats.float())
+        feats = torch.cat(rows)
+        outs.append(feats / feats.norm(dim=-1, keepdim=True))
+    return TextFeatures(names=names, fg=outs[0], bg=outs[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Small math
+
+
+def minmax_normalize(x: torch.Tensor, eps: float = 1e-7, passes: int = 1) -> torch.Tensor:
+    """``(x - min) / (eps + max)`` per map, ``passes`` times: (P, h, w) -> (P, h, w).
+
+    Example:
+        >>> minmax_normalize(torch.tensor([[[1.0, 3.0]]]))
+        tensor([[[0.0000, 1.0000]]])
+    """
+    flat = x.reshape(x.shape[0], -1)
+    for _ in range(passes):
+        flat = flat - flat.min(dim=1, keepdim=True).values
+        flat = flat / (eps + flat.max(dim=1, keepdim=True).values)
+    return flat.reshape(x.shape)
+
+
+def sinkhorn(attention: torch.Tensor, iterations: int = 1) -> torch.Tensor:
+    """Alternate column and row normalisation: (P, n, n) -> (P, n, n).
+
+    Each iteration divides by the column sums, then by the row sums (so rows sum to one).
+
+    Example:
+        >>> sinkhorn(torch.ones(1, 2, 2)).sum(-1)
+        tensor([[1., 1.]])
+    """
+    d = attention
+    for _ in range(iterations):
+        d = d / d.sum(dim=-2, keepdim=True)
+        d = d / d.sum(dim=-1, keepdim=True)
+    return d
+
+
+def _boxes_2d(cam: np.ndarray, threshold: float) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes [x0, y0, x1, y1] (end-exclusive, clipped as the official code) of the CAM's blobs."""
+    gh, gw = cam.shape
+    u8 = (cam * 255).astype(np.uint8)
+    fg = u8 > int(threshold * int(u8.max()))
+    labels, _ = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+    boxes = []
+    for sl in ndimage.find_objects(labels):
+        if sl is None:
+            continue
+        y, x = sl[0].start, sl[1].start
+        h, w = sl[0].stop - y, sl[1].stop - x
+        boxes.append((x, y, min(x + w, gw - 1), min(y + h, gh - 1)))
+    return boxes
+
+
+def box_mask(cam: torch.Tensor, threshold: float = 0.4, *, return_boxes: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, list[list[tuple[int, int, int, int]]]]:
+    """The box mask B of PIR: (P, h, w) CAM in [0, 1] -> (P, h, w) bool.
+
+    A cell is foreground when ``uint8(255 cam) > int(threshold * max)``; every 8-connected
+    foreground region contributes its bounding box, end-exclusive and clipped to ``w - 1`` /
+    ``h - 1`` as in the official code (so the last row and column never enter B).
+
+    Args:
+        cam: Normalised CAMs.
+        threshold: Fraction of the maximum.
+        return_boxes: Also return the boxes ``[x0, y0, x1, y1]`` of each map.
+
+    Example:
+        >>> cam = torch.zeros(1, 4, 4); cam[0, 1, 1] = 1.0
+        >>> box_mask(cam).int()[0, 1]
+        tensor([0, 1, 0, 0], dtype=torch.int32)
+    """
+    maps = cam.detach().float().cpu().numpy()
+    masks = np.zeros(maps.shape, dtype=bool)
+    all_boxes = []
+    for i, m in enumerate(maps):
+        boxes = _boxes_2d(m, threshold)
+        for x0, y0, x1, y1 in boxes:
+            masks[i, y0:y1, x0:x1] = True
+        all_boxes.append(boxes)
+    out = torch.from_numpy(masks).to(cam.device)
+    return (out, all_boxes) if return_boxes else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision passes
+
+
+def _layer_index(index: int, num_layers: int) -> int:
+    resolved = index + num_layers if index < 0 else index
+    if not 0 <= resolved < num_layers:
+        raise InvalidInputError(f"layer {index} does not exist in a {num_layers}-layer vision tower")
+    return resolved
+
+
+def _prepare_pixels(clip: ClipBundle, pixel_values: torch.Tensor, name: str = "pixel_values") -> torch.Tensor:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise InvalidInputError(f"{name} must be a (B, 3, H, W) tensor, got {shape}")
+    if pixel_values.shape[0] == 0:
+        raise InvalidInputError(f"{name} is an empty batch")
+    check_finite(name, pixel_values)
+    patch_grid(clip.model.config.vision_config, pixel_values.shape[-2], pixel_values.shape[-1])
+    if pixel_values.is_inference():
+        pixel_values = pixel_values.clone()
+    return pixel_values.to(device=clip.device, dtype=clip.dtype)
+
+
+def layer_features(clip: ClipBundle, pixel_values: torch.Tensor, layers: Sequence[int],
+                   config: PriorConfig | None = None) -> torch.Tensor:
+    """Patch-token hidden states after some encoder layers: (B, 3, H, W) -> (B, L, h*w, D).
+
+    Args:
+        clip: The loaded CLIP.
+        pixel_values: Normalised pixels.
+        layers: Layer indices (0-based, negative from the end), in output order.
+        config: Position-grid interpolation mode.
+
+    Raises:
+        InvalidInputError: on a bad tensor or a layer that does not exist.
+    """
+    config = config or PriorConfig()
+    vm = clip.model.vision_model
+    blocks = vision_layers(vm)
+    wanted = [_layer_index(i, len(blocks)) for i in layers]
+    with torch.inference_mode(False), torch.no_grad():
+        hidden = embed(vm, _prepare_pixels(clip, pixel_values), config.pos_interpolation)
+        kept: dict[int, torch.Tensor] = {}
+        for index in range(max(wanted) + 1):
+            hidden = run_layer(blocks[index], hidden)
+            if index in wanted:
+                kept[index] = hidden[:, 1:]
+    return torch.stack([kept[i] for i in wanted], dim=1)
+
+
+@dataclass
+class VTPResult:
+    """Output of :func:`vtp` for P (image, class) pairs of B images.
+
+    Attributes:
+        cam: (P, h, w) float32, normalised softmax Grad-CAM on the patch grid.
+        image_index: (P,) long, the image of each pair.
+        scores: (P,) float32, the softmax probability of each pair's target prompt.
+        attention: (P, h*w, h*w) float32 head- and layer-averaged patch-to-patch attention of the
+            last ``config.pir_layers`` layers (with ``return_attention``), else ``None``.
+        features: (B, L, h*w, D) hidden states after ``config.vvp_layers`` (with
+            ``return_features``), else ``None``.
+    """
+
+    cam: torch.Tensor
+    image_index: torch.Tensor
+    scores: torch.Tensor
+    attention: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+
+def _class_sets(targets: Sequence[str], context: Sequence[Sequence[str]] | None) -> list[list[str]]:
+    if context is not None and len(context) != len(targets):
+        raise InvalidInputError(f"context has {len(context)} entries for {len(targets)} target classes; "
+                                f"pass one list of context classes per pair")
+    sets = []
+    for i, target in enumerate(targets):
+        names = [target]
+        for name in (context[i] if context is not None else ()):
+            if name not in names:
+                names.append(name)
+        sets.append(names)
+    return sets
+
+
+def vtp(
+    clip: ClipBundle,
+    pixel_values: torch.Tensor,
+    classes: Sequence[str],
+    *,
+    image_index: Sequence[int] | torch.Tensor | None = None,
+    context: Sequence[Sequence[str]] | None = None,
+    text: TextFeatures | None = None,
+    config: PriorConfig | None = None,
+    return_attention: bool = False,
+    return_features: bool = False,
+) -> VTPResult:
+    """Visual-text prior: softmax Grad-CAM of "a photo of {c}." against "a photo without {c}.".
+
+    One pass runs all layers but the last without gradients on the B images; the last layer runs
+    with gradients on the P (image, class) pairs, and a single backward of the summed target
+    scores gives every pair its own Grad-CAM (the pairs' scores are independent).
+
+    Args:
+        clip: The loaded CLIP.
+        pixel_values: (B, 3, H, W) normalised images (see :func:`clipprior.preprocess.preprocess_query`).
+        classes: P target class prompt names.
+        image_index: (P,) image of each pair; ``None`` means pair i is image i (P == B).
+        context: Per pair, extra class names whose prompts join the softmax (the official code
+            passes every class present in the query's ground truth). ``None``: target alone.
+        text: Precomputed text features holding every name used; encoded on the fly if ``None``.
+        config: Knobs; defaults to :class:`PriorConfig`.
+        return_attention: Also return the PIR attention (P, n, n).
+        return_features: Also return the VVP layer features (B, L, n, D).
+
+    Returns:
+        A :class:`VTPResult`; ``cam`` is (P, h, w) with (h, w) = (H, W) // patch.
+
+    Raises:
+        InvalidInputError: for an empty class list, a bad image index, NaN/Inf pixels or an image
+            smaller than one patch.
+
+    Example:
+        >>> out = vtp(clip, pixels, ["cat", "dog"], image_index=[0, 0])  # doctest: +SKIP
+        >>> out.cam.shape  # doctest: +SKIP
+        torch.Size([2, 14, 14])
+    """
+    config = config or PriorConfig()
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise InvalidInputError("empty class list; pass at least one target class per image")
+    pixels = _prepare_pixels(clip, pixel_values)
+    batch = pixels.shape[0]
+    if image_index is None:
+        if len(classes) != batch:
+            raise InvalidInputError(f"{len(classes)} classes for {batch} images; pass image_index to pair them")
+        index = torch.arange(batch)
+    else:
+        index = torch.as_tensor(image_index, dtype=torch.long).reshape(-1).cpu()
+        if index.numel() != len(classes) or (index.numel() and (index.min() < 0 or index.max() >= batch)):
+            raise InvalidInputError(f"image_index {index.tolist()} must hold {len(classes)} indices in [0, {batch})")
+    sets = _class_sets(classes, context)
+    if text is None:
+        text = encode_text(clip, sorted({n for s in sets for n in s}), config)
+    return _vtp_pass(clip, pixels, index, sets, text, config, return_attention, return_features)
+
+
+def _text_matrix(sets: list[list[str]], text: TextFeatures, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, 2*Cmax, E) prompts [fg(set); bg(set)] per pair, and a (P, 2*Cmax) validity mask."""
+    width = max(len(s) for s in sets)
+    emb = text.fg.shape[1]
+    matrix = torch.zeros(len(sets), 2 * width, emb, device=device)
+    valid = torch.zeros(len(sets), 2 * width, dtype=torch.bool, device=device)
+    for p, names in enumerate(sets):
+        rows = torch.tensor([text.index(n) for n in names], device=text.fg.device)
+        matrix[p, : len(names)] = text.fg[rows].to(device)
+        matrix[p, width: width + len(names)] = text.bg[rows].to(device)
+        valid[p, : len(names)] = True
+        valid[p, width: width + len(names)] = True
+    return matrix, valid
+
+
+def _vtp_pass(
+    clip: ClipBundle, pixels: torch.Tensor, index: torch.Tensor, sets: list[list[str]], text: TextFeatures,
+    config: PriorConfig, want_attention: bool, want_features: bool,
+) -> VTPResult:
+    model = clip.model
+    vm = model.vision_model
+    blocks = vision_layers(vm)
+    n_layers = len(blocks)
+    grid = patch_grid(vm.config, pixels.shape[-2], pixels.shape[-1])
+    feature_ids = [_layer_index(i, n_layers) for i in config.vvp_layers] if want_features else []
+    attn_start = max(0, n_layers - config.pir_layers)
+    num_heads = int(vm.config.num_attention_heads)
+    device = pixels.device
+    index_dev = index.to(device)
+    kept: dict[int, torch.Tensor] = {}
+    scale = float(config.logit_scale) if config.logit_scale is not None else float(model.logit_scale.detach().exp())
+    text_matrix, valid = _text_matrix(sets, text, device)
+    recorder = AttentionRecorder(blocks[attn_start:] if want_attention else [], num_heads)
+    with torch.inference_mode(False), recorder:
+        with torch.no_grad():
+            hidden = embed(vm, pixels, config.pos_interpolation)
+            for i in range(n_layers - 1):
+                hidden = run_layer(blocks[i], hidden)
+                if i in feature_ids:
+                    kept[i] = hidden[:, 1:]
+        recorder.take_rows(index_dev)
+        last_in = hidden.index_select(0, index_dev).detach().requires_grad_(True)
+        with torch.enable_grad(), ActivationRecorder(blocks[-1].layer_norm1) as act:
+            out = run_layer(blocks[-1], last_in)
+            tokens = vm.post_layernorm(out)
+            image_emb = model.visual_projection(tokens[:, 1:].mean(dim=1)).float()
+            image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+            logits = scale * torch.einsum("pe,pce->pc", image_emb, text_matrix)
+            probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+            scores = probs[:, 0]
+            torch.autograd.backward(scores.sum(), inputs=[act.activation])
+            activation = act.activation.detach().float()[:, 1:]
+            gradient = act.gradient
+        if gradient is None:
+            raise RuntimeError("Grad-CAM gradient was not captured; the last layer's layer_norm1 did not run")
+        gradient = gradient.float()[:, 1:]
+        weights = gradient.mean(dim=1, keepdim=True)
+        cam = torch.relu((activation * weights).sum(dim=-1)).reshape(-1, *grid)
+        cam = minmax_normalize(cam, config.cam_eps, config.cam_norm_passes)
+        attention = recorder.mean_attention()[:, 1:, 1:] if want_attention else None
+        features = None
+        if want_features:
+            last = n_layers - 1
+            if last in feature_ids:
+                kept[last] = _last_layer_per_image(blocks[-1], hidden, out.detach(), index_dev)[:, 1:]
+            features = torch.stack([kept[i] for i in feature_ids], dim=1)
+    return VTPResult(cam=cam, image_index=index, scores=scores.detach(), attention=attention, features=features)
+
+
+def _last_layer_per_image(layer: torch.nn.Module, hidden: torch.Tensor, pair_out: torch.Tensor,
+                          index: torch.Tensor) -> torch.Tensor:
+    """Last-layer output per image, reusing the pair rows and running the layer for images without pairs."""
+    batch = hidden.shape[0]
+    result = torch.empty_like(hidden)
+    seen = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    first = torch.full((batch,), -1, dtype=torch.long, device=hidden.device)
+    for p in range(index.numel() - 1, -1, -1):
+        first[index[p]] = p
+    seen = first >= 0
+    if seen.any():
+        result[seen] = pair_out[first[seen]]
+    if (~seen).any():
+        with torch.no_grad():
+            result[~seen] = run_layer(layer, hidden[~seen])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# PIR
+
+
+@dataclass
+class PIRResult:
+    """Output of :func:`pir`.
+
+    Attributes:
+        refined: (P, H, W) final prior (normalised, resized to ``output_size``) or (P, h, w).
+        refined_grid: (P, h, w) ``R @ cam`` before the final normalisation.
+        box_mask: (P, h, w) bool box mask B.
+    """
+
+    refined: torch.Tensor
+    refined_grid: torch.Tensor
+    box_mask: torch.Tensor
+
+
+def pir(
+    cam: torch.Tensor,
+    attention: torch.Tensor,
+    *,
+    config: PriorConfig | None = None,
+    output_size: tuple[int, int] | None = None,
+    mask: torch.Tensor | None = None,
+) -> PIRResult:
+    """Prior information refinement: (P, h, w) CAM + (P, n, n) attention -> refined prior.
+
+    D = Sinkhorn(attention); R = max(D, D D^T) (then R @ R when ``config.pir_square``);
+    columns outside the box mask B are zeroed; refined = R @ cam, min-max normalised and resized.
+
+    Args:
+        cam: Normalised CAMs from :func:`vtp`.
+        attention: Patch-to-patch attention from :func:`vtp` (``return_attention=True``).
+        config: Knobs; defaults to :class:`PriorConfig`.
+        output_size: (H, W) of the final prior (bilinear, half-pixel centres); ``None`` keeps the grid.
+        mask: A precomputed box mask (P, h, w); computed from ``cam`` when ``None``.
+
+    Returns:
+        A :class:`PIRResult`.
+
+    Raises:
+        InvalidInputError: if the shapes disagree or a tensor holds NaN/Inf.
+
+    Example:
+        >>> res = pir(out.cam, out.attention, output_size=(375, 500))  # doctest: +SKIP
+    """
+    config = config or PriorConfig()
+    if cam.ndim != 3:
+        raise InvalidInputError(f"cam must be (P, h, w), got {tuple(cam.shape)}")
+    n = cam.shape[1] * cam.shape[2]
+    if attention.shape != (cam.shape[0], n, n):
+        raise InvalidInputError(
+            f"attention must be (P, h*w, h*w) = {(cam.shape[0], n, n)}, got {tuple(attention.shape)}"
+        )
+    check_finite("cam", cam)
+    check_finite("attention", attention)
+    cam32 = cam.float()
+    d = sinkhorn(attention.float(), config.pir_sinkhorn_iters)
+    r = torch.maximum(d, d @ d.transpose(-1, -2))
+    if config.pir_square:
+        r = r @ r
+    b = box_mask(cam32, config.pir_box_threshold) if mask is None else mask.bool()
+    r = r * b.reshape(-1, 1, n).to(r.dtype)
+    refined_grid = (r @ cam32.reshape(-1, n, 1)).reshape(cam.shape)
+    refined = minmax_normalize(refined_grid, config.cam_eps)
+    if output_size is not None:
+        refined = resize_maps(refined, output_size)
+    return PIRResult(refined=refined, refined_grid=refined_grid, box_mask=b)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with half-pixel centres (OpenCV INTER_LINEAR): (P, h, w) -> (P, H, W)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# VVP
+
+
+def vvp_from_features(
+    query_features: torch.Tensor,
+    support_features: torch.Tensor,
+    support_mask: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    eps: float = 1e-7,
+    normalize_maps: bool = False,
+) -> torch.Tensor:
+    """Best cosine match of each query patch among the masked support patches.
+
+    Args:
+        query_features: (B, L, n, D) query patch features.
+        support_features: (B, K, L, m, D) support patch features.
+        support_mask: (B, K, m) support foreground on the support's patch grid.
+        grid: (h, w) of the query, h * w == n.
+        eps: Added to the product of norms.
+        normalize_maps: Min-max normalise each map (the paper's Eq. 8).
+
+    Returns:
+        (B, L*K, h, w) float32: layer-major, shots inner (layer 0 shots 1..K, layer 1 shots 1..K, ...).
+    """
+    q = query_features.float()
+    s = support_features.float() * support_mask[:, :, None, :, None].float()
+    qn = q.norm(dim=-1)  # (B, L, n)
+    sn = s.norm(dim=-1)  # (B, K, L, m)
+    dots = torch.einsum("blnd,bklmd->blknm", q, s)
+    denom = qn[:, :, None, :, None] * sn.permute(0, 2, 1, 3)[:, :, :, None, :] + eps
+    sim = (dots / denom).amax(dim=-1)  # (B, L, K, n)
+    maps = sim.reshape(q.shape[0], -1, *grid)
+    if normalize_maps:
+        maps = minmax_normalize(maps.reshape(-1, *grid), eps).reshape(maps.shape)
+    return maps
+
+
+def _grid_mask(labels: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    """(N, H, W) labels -> (N, h*w) bool foreground (label == 1) on the patch grid."""
+    fg = (labels == 1).float()[:, None]
+    if mode == "nearest":
+        small = F.interpolate(fg, size=grid, mode="nearest")
+    else:
+        small = (F.adaptive_avg_pool2d(fg, grid) >= 0.5).float()
+    return small[:, 0].reshape(labels.shape[0], -1) > 0
+
+
+def _check_support_labels(labels: torch.Tensor, images: torch.Tensor) -> None:
+    if tuple(labels.shape[-2:]) != tuple(images.shape[-2:]):
+        raise InvalidInputError(
+            f"support mask of size {tuple(labels.shape[-2:])} does not match its image of size "
+            f"{tuple(images.shape[-2:])}; resize the mask with nearest-neighbour interpolation"
+        )
+    empty = ~(labels == 1).flatten(start_dim=-2).any(dim=-1)
+    if empty.any():
+        where = [tuple(int(v) for v in idx) for idx in torch.nonzero(empty).tolist()]
+        raise InvalidInputError(
+            f"support mask(s) at {where} have no foreground pixel (label == 1); a support needs its object"
+        )
+
+
+def support_features(clip: ClipBundle, pixel_values: torch.Tensor, labels: torch.Tensor,
+                     config: PriorConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked support features: (N, 3, H, W) + (N, H, W) labels -> (N, L, h*w, D), (N, h*w) mask.
+
+    The pixels are multiplied by ``labels == 1`` before CLIP sees them; the features of cells
+    outside the (nearest-resized) mask are later ignored by :func:`vvp_from_features`.
+
+    Raises:
+        InvalidInputError: for an empty mask, a size mismatch or NaN/Inf pixels.
+    """
+    config = config or PriorConfig()
+    pixels = _prepare_pixels(clip, pixel_values, "supports")
+    labels = torch.as_tensor(labels, device=pixels.device)
+    _check_support_labels(labels, pixels)
+    masked = pixels * (labels == 1)[:, None].to(pixels.dtype)
+    feats = layer_features(clip, masked, config.vvp_layers, config)
+    grid = patch_grid(clip.model.config.vision_config, pixels.shape[-2], pixels.shape[-1])
+    return feats, _grid_mask(labels, grid, config.vvp_mask_resize)
+
+
+def vvp(
+    clip: ClipBundle,
+    query: torch.Tensor,
+    supports: torch.Tensor,
+    support_labels: torch.Tensor,
+    *,
+    config: PriorConfig | None = None,
+) -> torch.Tensor:
+    """Visual-visual prior: (B, 3, H, W), (B, K, 3, Hs, Ws), (B, K, Hs, Ws) -> (B, L*K, h, w).
+
+    Per query patch, the best cosine similarity among the support's foreground patches, from the
+    hidden states of ``config.vvp_layers`` (the last two layers, last first, by default).
+
+    Args:
+        clip: The loaded CLIP.
+        query: Normalised query pixels.
+        supports: Normalised support pixels, K shots per query.
+        support_labels: Support labels (1 = target, 0 = background, 255 = ignore).
+        config: Knobs; defaults to :class:`PriorConfig`.
+
+    Returns:
+        (B, L*K, h, w) float32, channels layer-major (L layers x K shots); values in [0, 1] for
+        the ReLU-free cosines clipped at 0 by the masked zeros.
+
+    Raises:
+        InvalidInputError: for mismatched shapes, an empty support mask or NaN/Inf pixels.
+
+    Example:
+        >>> vvp(clip, x, s_x, s_y).shape  # doctest: +SKIP
+        torch.Size([1, 2, 29, 29])
+    """
+    config = config or PriorConfig()
+    if supports.ndim != 5 or support_labels.ndim != 4:
+        raise InvalidInputError(
+            f"supports must be (B, K, 3, H, W) and support_labels (B, K, H, W); got {tuple(supports.shape)} "
+            f"and {tuple(support_labels.shape)}"
+        )
+    batch, shots = supports.shape[:2]
+    if query.shape[0] != batch or tuple(support_labels.shape[:2]) != (batch, shots):
+        raise InvalidInputError(
+            f"batch/shot sizes disagree: query {tuple(query.shape)}, supports {tuple(supports.shape)}, "
+            f"support_labels {tuple(support_labels.shape)}"
+        )
+    qf = layer_features(clip, query, config.vvp_layers, config)
+    sf, smask = support_features(clip, supports.flatten(0, 1), support_labels.flatten(0, 1), config)
+    grid = patch_grid(clip.model.config.vision_config, query.shape[-2], query.shape[-1])
+    return vvp_from_features(
+        qf, sf.reshape(batch, shots, *sf.shape[1:]), smask.reshape(batch, shots, -1), grid,
+        eps=config.vvp_eps, normalize_maps=config.vvp_normalize,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# One episode, from images
+
+
+@dataclass
+class EpisodePriors:
+    """The priors of one query for one class, on the query's patch grid.
+
+    Attributes:
+        cam: (h, w) raw VTP (normalised softmax Grad-CAM).
+        refined: (h, w) PIR-refined VTP (normalised).
+        vvp: (C, h, w) VVP (C = layers x shots) or ``None`` without supports.
+        image_size: (H, W) of the query image.
+    """
+
+    cam: torch.Tensor
+    refined: torch.Tensor
+    vvp: torch.Tensor | None
+    image_size: tuple[int, int]
+
+    def resized(self, size: tuple[int, int] | None = None) -> EpisodePriors:
+        """The priors resized bilinearly to ``size`` (default: the image size)."""
+        size = tuple(size or self.image_size)
+        return replace(
+            self,
+            cam=resize_maps(self.cam[None], size)[0],
+            refined=resize_maps(self.refined[None], size)[0],
+            vvp=None if self.vvp is None else resize_maps(self.vvp, size),
+        )
+
+
+def _prepare_support(image: ImageLike, label: np.ndarray, patch: int, config: PriorConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    rgb = to_rgb_array(image)
+    label = np.asarray(label)
+    if label.shape != rgb.shape[:2]:
+        raise InvalidInputError(f"support mask of size {label.shape} does not match its image of size "
+                                f"{rgb.shape[:2]}; pass the mask of that image")
+    resized = resize_to_patch_multiple(rgb, patch, config.vtp_resample)
+    lab = torch.from_numpy(label.astype(np.int64))
+    if resized.shape[:2] != rgb.shape[:2]:
+        lab = F.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")[0, 0].long()
+    return normalize(resized, config.vvp_pixel_norm), lab
+
+
+def compute_priors(
+    clip: ClipBundle,
+    query: ImageLike,
+    class_name: str,
+    supports: Sequence[ImageLike] = (),
+    support_masks: Sequence[np.ndarray] = (),
+    *,
+    context: Sequence[str] = (),
+    config: PriorConfig | None = None,
+) -> EpisodePriors:
+    """VTP, PIR and VVP of one episode, from images, each at its own geometry.
+
+    The query is resized up to a multiple of the patch size (as the official VTP path does); its
+    VTP pass also yields the VVP query features when ``config.vvp_pixel_norm == "clip"``. Each
+    support is prepared the same way, masked by its label and compared on its own grid.
+
+    Args:
+        clip: The loaded CLIP.
+        query: (H, W, 3) RGB image (any PIL mode is converted).
+        class_name: The target class's prompt name.
+        supports: K support images of the class (may be empty: no VVP).
+        support_masks: K (Hs, Ws) labels (1 = target).
+        context: Extra class names for the softmax (see :func:`vtp`).
+        config: Knobs; defaults to :class:`PriorConfig`.
+
+    Returns:
+        :class:`EpisodePriors` on the query's patch grid; ``.resized()`` maps it to the image.
+
+    Raises:
+        InvalidInputError: for mismatched supports and masks, empty masks, or unusable images.
+
+    Example:
+        >>> pri = compute_priors(clip, image, "cat", [support], [mask])  # doctest: +SKIP
+        >>> pri.resized().refined.shape  # doctest: +SKIP
+        torch.Size([375, 500])
+    """
+    config = config or PriorConfig()
+    if len(supports) != len(support_masks):
+        raise InvalidInputError(f"{len(supports)} support images but {len(support_masks)} support masks")
+    patch = clip.patch_size
+    rgb = to_rgb_array(query)
+    pixels = normalize(resize_to_patch_multiple(rgb, patch, config.vtp_resample), "clip")[None]
+    reuse = config.vvp_pixel_norm == "clip"
+    out = vtp(clip, pixels, [class_name], context=[list(context)], config=config, return_attention=True,
+              return_features=bool(supports) and reuse)
+    refined = pir(out.cam, out.attention, config=config).refined
+    maps = None
+    if supports:
+        query_feats = out.features
+        if query_feats is None:
+            qpix = normalize(resize_to_patch_multiple(rgb, patch, config.vtp_resample), config.vvp_pixel_norm)
+            query_feats = layer_features(clip, qpix[None], config.vvp_layers, config)
+        feats, masks = [], []
+        for image, label in zip(supports, support_masks, strict=True):
+            spix, slab = _prepare_support(image, label, patch, config)
+            f, m = support_features(clip, spix[None], slab[None], config)
+            feats.append(f)
+            masks.append(m)
+        # Supports may differ in size: concatenate their cells (max over cells is per shot).
+        maps = torch.cat([
+            vvp_from_features(query_feats, f[:, None], m[:, None], tuple(out.cam.shape[-2:]),
+                              eps=config.vvp_eps, normalize_maps=config.vvp_normalize)
+            for f, m in zip(feats, masks, strict=True)
+        ], dim=1)
+        layers = len(config.vvp_layers)
+        maps = maps.reshape(1, len(supports), layers, *maps.shape[-2:]).transpose(1, 2).reshape(
+            1, layers * len(supports), *maps.shape[-2:])
+    return EpisodePriors(
+        cam=out.cam[0], refined=refined[0], vvp=None if maps is None else maps[0], image_size=rgb.shape[:2]
+    )
