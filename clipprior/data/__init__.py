@@ -29,23 +29,40 @@ from clipprior.data.classes import (
     num_classes,
     prompt_names,
 )
+from clipprior.data.dataset import FSSDataset, open_dataset
 from clipprior.data.images import load_label, load_pair, load_rgb
+from clipprior.data.lists import (
+    MIN_PIXELS,
+    FssLists,
+    build_fss_lists,
+    counted_classes,
+    read_fss_lists,
+    write_fss_lists,
+)
 from clipprior.data.report import DataReport, Problem
 
 __all__ = [
     "COCO_CLASSES",
     "COCO_PROMPT_NAMES",
     "DATASETS",
+    "MIN_PIXELS",
     "PASCAL_CLASSES",
     "PASCAL_PROMPT_NAMES",
     "DataReport",
+    "FSSDataset",
+    "FssLists",
     "Problem",
+    "build_fss_lists",
     "class_names",
+    "counted_classes",
     "dataset_name",
     "fold_classes",
     "load_label",
     "load_pair",
     "load_rgb",
     "num_classes",
+    "open_dataset",
     "prompt_names",
+    "read_fss_lists",
+    "write_fss_lists",
 ]

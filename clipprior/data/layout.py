@@ -1,0 +1,142 @@
+"""Where the benchmarks' files live under a data root, and how list paths are mapped onto it.
+
+PASCAL-5i (root = the ``VOC2012`` folder)::
+
+    JPEGImages/2007_000033.jpg
+    SegmentationClassAug/2007_000033.png      # 0 background, 1..20 classes, 255 ignore
+    ImageSets/Segmentation/val.txt            # only needed to build lists without a base list
+
+COCO-20i (root = the ``MSCOCO2014`` folder)::
+
+    train2014/COCO_train2014_000000000009.jpg
+    val2014/COCO_val2014_000000000042.jpg
+    annotations/train2014/COCO_train2014_000000000009.png   # 0 background, 1..80, 255 ignore
+    annotations/val2014/COCO_val2014_000000000042.png
+
+Inside clipprior, an image or mask is named by its *id*: its POSIX path relative to the data root
+(``"JPEGImages/2007_000033.jpg"``). Trainers' list files carry their own prefixes
+(``../data/VOCdevkit2012/VOC2012/JPEGImages/...``); :func:`to_id` keeps the part from the known
+folder on (the longest of ``JPEGImages``, ``SegmentationClassAug``, ``train2014``, ``val2014``,
+``annotations/train2014``, ``annotations/val2014`` that precedes the file name).
+
+Example:
+    >>> from clipprior.data.layout import to_id
+    >>> to_id("../data/MSCOCO2014/annotations/val2014/COCO_val2014_000000000042.png", "coco20i", "label")
+    'annotations/val2014/COCO_val2014_000000000042.png'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipprior.data.classes import dataset_name
+from clipprior.errors import DataNotFoundError, DatasetError
+
+__all__ = ["LAYOUTS", "Layout", "check_root", "to_id"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Folders of one benchmark, relative to its data root.
+
+    Attributes:
+        image_dirs: Per split, the folder (as path components) holding the images.
+        label_dirs: Per split, the folder holding the masks.
+        image_ext: Extension of the images (``".jpg"``).
+        label_ext: Extension of the masks (``".png"``).
+        root_name: The usual name of the root folder, for messages.
+    """
+
+    image_dirs: dict[str, tuple[str, ...]]
+    label_dirs: dict[str, tuple[str, ...]]
+    image_ext: str
+    label_ext: str
+    root_name: str
+
+    def image_id(self, split: str, stem: str) -> str:
+        """Id of the image named ``stem`` (no extension) in ``split``."""
+        return "/".join((*self.image_dirs[split], stem + self.image_ext))
+
+    def label_id(self, split: str, stem: str) -> str:
+        """Id of the mask named ``stem`` (no extension) in ``split``."""
+        return "/".join((*self.label_dirs[split], stem + self.label_ext))
+
+    def prefixes(self, kind: str) -> set[tuple[str, ...]]:
+        """Every folder (as components) an image (``kind="image"``) or mask (``"label"``) may live in."""
+        dirs = self.image_dirs if kind == "image" else self.label_dirs
+        return set(dirs.values())
+
+
+LAYOUTS: dict[str, Layout] = {
+    "pascal5i": Layout(
+        image_dirs={"val": ("JPEGImages",), "train": ("JPEGImages",)},
+        label_dirs={"val": ("SegmentationClassAug",), "train": ("SegmentationClassAug",)},
+        image_ext=".jpg", label_ext=".png", root_name="VOC2012",
+    ),
+    "coco20i": Layout(
+        image_dirs={"val": ("val2014",), "train": ("train2014",)},
+        label_dirs={"val": ("annotations", "val2014"), "train": ("annotations", "train2014")},
+        image_ext=".jpg", label_ext=".png", root_name="MSCOCO2014",
+    ),
+}
+
+
+def to_id(path: str, dataset: str, kind: str) -> str:
+    r"""Map a path from a list file onto an id relative to the data root.
+
+    Args:
+        path: The path as written in the list (any prefix, ``/`` or ``\`` separators).
+        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        kind: ``"image"`` or ``"label"``.
+
+    Returns:
+        The id, e.g. ``"SegmentationClassAug/2007_000033.png"``.
+
+    Raises:
+        DatasetError: No known folder of that kind precedes the file name.
+    """
+    layout = LAYOUTS[dataset_name(dataset)]
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    best: tuple[str, ...] | None = None
+    for prefix in layout.prefixes(kind):
+        n = len(prefix)
+        if len(parts) > n and tuple(parts[-n - 1:-1]) == prefix and (best is None or n > len(best)):
+            best = prefix
+    if best is None:
+        folders = " or ".join("/".join(p) + "/" for p in sorted(layout.prefixes(kind)))
+        raise DatasetError(f"{kind} path {path!r} is not inside {folders} (the {dataset_name(dataset)} layout)")
+    return "/".join((*best, parts[-1]))
+
+
+def check_root(root: str | os.PathLike[str], dataset: str, splits: tuple[str, ...] = ("val",)) -> Path:
+    """Check that ``root`` exists and holds the benchmark's folders for ``splits``.
+
+    Returns:
+        ``root`` as an absolute :class:`~pathlib.Path`.
+
+    Raises:
+        DataNotFoundError: The root or one of its expected folders is missing; the message says
+            what was expected and, when it can tell, which folder should have been passed.
+    """
+    name = dataset_name(dataset)
+    layout = LAYOUTS[name]
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataNotFoundError(f"{name} data root {root} does not exist or is not a folder; "
+                                f"pass the {layout.root_name} folder")
+    root = root.resolve()
+    for split in splits:
+        for dirs in (layout.image_dirs[split], layout.label_dirs[split]):
+            folder = root.joinpath(*dirs)
+            if folder.is_dir():
+                continue
+            hint = ""
+            for candidate in sorted(root.glob(f"*/{dirs[0]}")) + sorted(root.glob(f"*/*/{dirs[0]}")):
+                if candidate.parent.joinpath(*dirs).is_dir():
+                    hint = f"; did you mean --data-root {candidate.parent}?"
+                    break
+            raise DataNotFoundError(f"{name} data root {root} has no {'/'.join(dirs)}/ folder (expected "
+                                    f"{layout.root_name}/{'/'.join(dirs)}/){hint}")
+    return root
