@@ -21,7 +21,9 @@ from clipprior.errors import (
     ModelLoadError,
     WeightsNotFoundError,
 )
+from clipprior.evaluate import ClipEsMeter, PriorMeter, PriorScores, average_precision, binary_iou, vvp_map
 from clipprior.model import DEFAULT_MODEL, ClipBundle, load_clip
+from clipprior.photos import list_photos, load_photo
 from clipprior.preprocess import preprocess_query, to_rgb_array
 from clipprior.priors import (
     EpisodePriors,
@@ -35,6 +37,7 @@ from clipprior.priors import (
     vtp,
     vvp,
 )
+from clipprior.viz import episode_panel, write_html_index
 
 __version__ = "0.1.0"
 
@@ -45,6 +48,7 @@ __all__ = [
     "CacheKeyError",
     "CacheMismatchError",
     "ClipBundle",
+    "ClipEsMeter",
     "ClipPriorError",
     "ConfigError",
     "DataNotFoundError",
@@ -54,19 +58,28 @@ __all__ = [
     "ModelLoadError",
     "PIRResult",
     "PriorConfig",
+    "PriorMeter",
+    "PriorScores",
     "TextFeatures",
     "VTPResult",
     "WeightsNotFoundError",
     "__version__",
+    "average_precision",
+    "binary_iou",
     "box_mask",
     "compute_priors",
     "encode_text",
+    "episode_panel",
     "get_preset",
+    "list_photos",
     "list_presets",
     "load_clip",
+    "load_photo",
     "pir",
     "preprocess_query",
     "to_rgb_array",
     "vtp",
     "vvp",
+    "vvp_map",
+    "write_html_index",
 ]

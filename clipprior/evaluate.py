@@ -60,6 +60,7 @@ __all__ = [
     "binary_iou",
     "clip_es_labels",
     "mean_over_folds",
+    "vvp_map",
 ]
 
 #: Thresholds at which the FSS protocol evaluates binarised priors: 0.00, 0.05, ..., 1.00.
@@ -113,6 +114,38 @@ def _check_thresholds(thresholds: Iterable[float]) -> tuple[float, ...]:
     if any(not math.isfinite(t) for t in values):
         raise InvalidInputError(f"thresholds must be finite numbers, got {values}")
     return tuple(sorted(set(values)))
+
+
+def vvp_map(vvp: np.ndarray | torch.Tensor, *, normalize: bool = True, eps: float = 1e-7) -> np.ndarray:
+    """One map out of an episode's VVP stack: the mean over its channels, min-max normalised.
+
+    A VVP holds one cosine-similarity map per (layer, shot); PI-CLIP feeds them all to its
+    network. To look at VVP or to score it beside VTP, clipprior averages the channels and, by
+    default, min-max normalises the result to [0, 1] (the paper's Eq. 8), so that a threshold
+    means the same for all three priors.
+
+    Args:
+        vvp: (C, h, w) stack or an (h, w) map.
+        normalize: Min-max normalise: ``(x - min) / (max - min + eps)``.
+        eps: Added to the denominator.
+
+    Returns:
+        (h, w) float32 map.
+
+    Raises:
+        InvalidInputError: for other ranks or non-finite values.
+
+    Example:
+        >>> vvp_map(np.array([[[0.2, 0.4]], [[0.4, 0.6]]])).round(3).tolist()
+        [[0.0, 1.0]]
+    """
+    arr = _to_numpy(vvp, "vvp").astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0)
+    arr = _check_map(arr, "vvp")
+    if normalize:
+        arr = (arr - arr.min()) / (arr.max() - arr.min() + eps)
+    return arr.astype(np.float32)
 
 
 def binary_iou(
