@@ -30,6 +30,15 @@ from clipprior.data.classes import (
     prompt_names,
 )
 from clipprior.data.dataset import FSSDataset, open_dataset
+from clipprior.data.episodes import (
+    TRAINER_EPISODES,
+    Episode,
+    EpisodeMeta,
+    default_episodes,
+    read_episodes,
+    sample_episodes,
+    write_episodes,
+)
 from clipprior.data.images import load_label, load_pair, load_rgb
 from clipprior.data.lists import (
     MIN_PIXELS,
@@ -48,7 +57,10 @@ __all__ = [
     "MIN_PIXELS",
     "PASCAL_CLASSES",
     "PASCAL_PROMPT_NAMES",
+    "TRAINER_EPISODES",
     "DataReport",
+    "Episode",
+    "EpisodeMeta",
     "FSSDataset",
     "FssLists",
     "Problem",
@@ -56,6 +68,7 @@ __all__ = [
     "class_names",
     "counted_classes",
     "dataset_name",
+    "default_episodes",
     "fold_classes",
     "load_label",
     "load_pair",
@@ -63,6 +76,9 @@ __all__ = [
     "num_classes",
     "open_dataset",
     "prompt_names",
+    "read_episodes",
     "read_fss_lists",
+    "sample_episodes",
+    "write_episodes",
     "write_fss_lists",
 ]
