@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+from clipprior.cache import CacheWriter, EpisodeRecord, PriorCache, letterbox_prior, merge_caches, resize_prior
 from clipprior.config import PRESETS, PriorConfig, get_preset, list_presets
 from clipprior.errors import (
     CacheError,
@@ -82,4 +83,13 @@ __all__ = [
     "vvp",
     "vvp_map",
     "write_html_index",
+]
+
+__all__ += [
+    "CacheWriter",
+    "EpisodeRecord",
+    "PriorCache",
+    "letterbox_prior",
+    "merge_caches",
+    "resize_prior",
 ]

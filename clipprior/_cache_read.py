@@ -1,0 +1,384 @@
+"""The read-only, DataLoader-safe prior cache reader and the helpers that map priors onto a geometry.
+
+See :mod:`clipprior.cache` for the overview and ``docs/training-loop.md`` for a worked example.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipprior import _h5
+from clipprior._cache_write import parts_dir
+from clipprior._h5 import EpisodeRecord, FileIndex
+from clipprior.config import PriorConfig
+from clipprior.errors import CacheError, CacheKeyError, InvalidInputError
+
+__all__ = ["PriorCache", "Size", "letterbox_prior", "resize_prior"]
+
+#: ``None`` (patch grid), ``"original"`` (the image's original size) or ``(H, W)``.
+Size = None | Literal["original"] | tuple[int, int]
+
+
+# -------------------------------------------------------------------------------------- resizing
+
+
+def _check_size(size: Any) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"size must be a pair (height, width), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise InvalidInputError(f"size must be positive, got {size!r}")
+    return h, w
+
+
+def resize_prior(x: torch.Tensor, size: tuple[int, int], *, align_corners: bool = False) -> torch.Tensor:
+    """Bilinearly resize a prior map, in float32.
+
+    Use it to map a cached prior (patch grid of the whole image) onto a stretched geometry: the
+    original image, a 473x473 stretched crop of it, a 60x60 feature map.
+
+    Args:
+        x: (h, w), (C, h, w) or (B, C, h, w) prior.
+        size: Target (H, W).
+        align_corners: Passed to :func:`torch.nn.functional.interpolate`; ``False`` (the default)
+            treats pixels as areas; PI-CLIP's own code resizes its priors with ``True``.
+
+    Returns:
+        (H, W), (C, H, W) or (B, C, H, W) float32 tensor.
+
+    Raises:
+        InvalidInputError: for a tensor of another rank or a bad size.
+
+    Example:
+        >>> resize_prior(torch.ones(3, 4), (6, 8)).shape
+        torch.Size([6, 8])
+    """
+    size = _check_size(size)
+    if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3, 4):
+        shape = getattr(x, "shape", x)
+        raise InvalidInputError(f"prior must be a (h, w), (C, h, w) or (B, C, h, w) tensor, got {shape}")
+    ndim = x.ndim
+    y = x.float().reshape((1,) * (4 - ndim) + tuple(x.shape))
+    if tuple(y.shape[-2:]) != size:
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=align_corners)
+    return y.reshape(tuple(x.shape[:-2]) + size)
+
+
+def letterbox_prior(x: torch.Tensor, content_size: tuple[int, int], canvas_size: tuple[int, int], *,
+                    offset: tuple[int, int] = (0, 0), fill: float = 0.0, align_corners: bool = False) -> torch.Tensor:
+    """Map a prior onto a letterboxed geometry: resize it to the image's content box, then pad.
+
+    A letterboxing transform scales the image, keeping its aspect ratio, to ``content_size`` and
+    pastes it into a ``canvas_size`` canvas at ``offset`` (top-left by default, as the PFENet
+    family's test-time resize does). The prior covers the whole image, so it goes to the same box.
+
+    Args:
+        x: (h, w), (C, h, w) or (B, C, h, w) prior.
+        content_size: (h, w) of the resized image inside the canvas.
+        canvas_size: (H, W) of the canvas.
+        offset: (top, left) of the content box in the canvas.
+        fill: Value of the padding.
+        align_corners: See :func:`resize_prior`.
+
+    Returns:
+        (..., H, W) float32 tensor.
+
+    Raises:
+        InvalidInputError: if the content box does not fit in the canvas.
+
+    Example:
+        >>> letterbox_prior(torch.ones(2, 3), (20, 30), (30, 30)).sum().item()
+        600.0
+    """
+    ch, cw = _check_size(content_size)
+    hh, ww = _check_size(canvas_size)
+    top, left = (int(v) for v in offset)
+    if top < 0 or left < 0 or top + ch > hh or left + cw > ww:
+        raise InvalidInputError(f"content box {content_size} at offset {offset} does not fit in canvas {canvas_size}")
+    inner = resize_prior(x, (ch, cw), align_corners=align_corners)
+    out = inner.new_full((*inner.shape[:-2], hh, ww), float(fill))
+    out[..., top:top + ch, left:left + cw] = inner
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+class _ReaderIndex:
+    """Lookup tables of an open cache (built once per process)."""
+
+    def __init__(self, idx: FileIndex) -> None:
+        self.file = idx
+        self.image_row = {k: r for r, k in enumerate(idx.image_keys)}
+        self.vtp_row = {key: row for row, key in enumerate(idx.vtp_keys())}
+        self.vvp_row = {int(e): row for row, e in enumerate(idx.vvp_episode.tolist())}
+        self.episodes = sorted(idx.episodes, key=lambda e: e.index)
+        self.episode_by_index = {e.index: e for e in self.episodes}
+        self.episode_by_key: dict[tuple[str, int, tuple[str, ...]], int] = {}
+        for e in self.episodes:
+            self.episode_by_key.setdefault((e.query, e.class_id, e.supports), e.index)
+
+
+class PriorCache:
+    """Read-only access to a finished prior cache, as torch tensors.
+
+    The file is opened lazily, once per process: the object pickles as its path alone, so it can be
+    handed to ``DataLoader`` workers (fork or spawn) and each worker opens its own read-only handle.
+
+    Args:
+        path: A cache written by :meth:`CacheWriter.finalize` or :func:`merge_caches`.
+
+    Raises:
+        CacheError: if the file does not exist, is unfinished, or is not a clipprior cache.
+
+    Example:
+        >>> cache = PriorCache("priors.h5")  # doctest: +SKIP
+        >>> for episode in cache:  # doctest: +SKIP
+        ...     vtp = cache.vtp(episode.query, episode.class_id, size=(60, 60))  # (60, 60)
+        ...     vvp = cache.vvp(episode.index, size=(60, 60))  # (2K, 60, 60)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            if parts_dir(self.path).is_dir():
+                raise CacheError(f"{self.path} is not finished: an interrupted run left {parts_dir(self.path)}; "
+                                 "rerun the same precompute command to complete it")
+            raise CacheError(f"no prior cache at {self.path}; create one with `clipprior precompute`")
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+        self._idx: _ReaderIndex | None = None
+
+    # -- process-local state -----------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._handle, self._pid, self._idx = None, None, None
+
+    @property
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            # A handle inherited through fork() is never used: each process opens its own.
+            self._handle = _h5.open_read(self.path)
+            self._pid = os.getpid()
+        return self._handle
+
+    @property
+    def _index(self) -> _ReaderIndex:
+        if self._idx is None:
+            self._idx = _ReaderIndex(FileIndex.read(self._file))
+        return self._idx
+
+    def close(self) -> None:
+        """Close this process's handle (it reopens on the next read)."""
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle, self._pid = None, None
+
+    def __enter__(self) -> PriorCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PriorCache({str(self.path)!r})"
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The settings the priors were computed with (a copy)."""
+        return json.loads(json.dumps(self._index.file.attrs["provenance"]))
+
+    @property
+    def config(self) -> PriorConfig:
+        """The :class:`PriorConfig` of the priors (from ``provenance["config"]``).
+
+        Raises:
+            CacheError: if the provenance has no config.
+        """
+        value = self._index.file.attrs["provenance"].get("config")
+        if value is None:
+            raise CacheError(f"{self.path} records no prior config in its provenance")
+        return PriorConfig.from_dict(value) if isinstance(value, dict) else PriorConfig.from_json(value)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes besides the provenance (kind, run id, timestamps, shard)."""
+        return {k: v for k, v in self._index.file.attrs.items() if k in _h5.RESERVED_ATTRS and k != "provenance"}
+
+    @property
+    def images(self) -> list[str]:
+        """Image keys, sorted."""
+        return list(self._index.file.image_keys)
+
+    @property
+    def episodes(self) -> list[EpisodeRecord]:
+        """The episode table, sorted by index."""
+        return list(self._index.episodes)
+
+    @property
+    def shot(self) -> int:
+        """K, the supports per episode (0 without episodes)."""
+        return len(self._index.episodes[0].supports) if self._index.episodes else 0
+
+    def vtp_keys(self) -> list[tuple[str, int]]:
+        """``(image_key, class_id)`` of every cached VTP, sorted."""
+        return list(self._index.vtp_row)
+
+    def image_size(self, image_key: str) -> tuple[int, int]:
+        """Original (height, width) of an image.
+
+        Raises:
+            CacheKeyError: if the image is not in the cache.
+        """
+        row = self._index.image_row.get(image_key)
+        if row is None:
+            raise CacheKeyError(self._unknown_image(image_key))
+        h, w = self._index.file.image_sizes[row].tolist()
+        return int(h), int(w)
+
+    def has_vtp(self, image_key: str, class_id: int) -> bool:
+        """Whether the VTP of ``(image_key, class_id)`` is cached."""
+        return (image_key, int(class_id)) in self._index.vtp_row
+
+    def has_vvp(self, episode_index: int) -> bool:
+        """Whether the VVP of an episode is cached."""
+        return int(episode_index) in self._index.vvp_row
+
+    def __len__(self) -> int:
+        return len(self._index.episodes)
+
+    def __iter__(self) -> Iterator[EpisodeRecord]:
+        return iter(list(self._index.episodes))
+
+    def episode(self, index: int) -> EpisodeRecord:
+        """The episode with this index.
+
+        Raises:
+            CacheKeyError: if the cache has no such episode.
+        """
+        record = self._index.episode_by_index.get(int(index))
+        if record is None:
+            raise CacheKeyError(f"episode {index} is not in {self.path} ({self._episode_range()}); "
+                                f"run `clipprior inspect {self.path}` to see what is cached")
+        return record
+
+    def find_episode(self, query: str, class_id: int, supports: Sequence[str]) -> int:
+        """Index of the (first) episode with this query, class and supports (in shot order).
+
+        Raises:
+            CacheKeyError: if no episode matches.
+        """
+        key = (query, int(class_id), tuple(supports))
+        index = self._index.episode_by_key.get(key)
+        if index is None:
+            raise CacheKeyError(
+                f"no episode with query {query!r}, class {class_id} and supports {list(supports)} in {self.path} "
+                f"(supports go in shot order); run `clipprior inspect {self.path}` to see what is cached"
+            )
+        return index
+
+    # -- maps --------------------------------------------------------------------------------------
+
+    def vtp(self, image_key: str, class_id: int, *, refined: bool = True, size: Size = None) -> torch.Tensor:
+        """The visual-text prior of one ``(image, class)``.
+
+        Args:
+            image_key: Key of the image, as written (see :attr:`images`).
+            class_id: The dataset's class id.
+            refined: The PIR-refined map (default) or the raw Grad-CAM.
+            size: ``None`` for the patch grid (h, w); ``"original"`` for the image's original size;
+                ``(H, W)`` for any other stretched geometry (bilinear, align_corners=False).
+
+        Returns:
+            (h, w) or (H, W) float32 tensor.
+
+        Raises:
+            CacheKeyError: if the entry is not cached (the message says how to list the contents).
+        """
+        idx = self._index
+        row = idx.vtp_row.get((image_key, int(class_id)))
+        if row is None:
+            if image_key not in idx.image_row:
+                raise CacheKeyError(self._unknown_image(image_key))
+            classes = sorted(c for (k, c) in idx.vtp_row if k == image_key)
+            raise CacheKeyError(f"no VTP for image {image_key!r}, class {class_id} in {self.path} (this image has "
+                                f"classes {classes}); run `clipprior inspect {self.path}` to see what is cached")
+        h, w = idx.file.vtp_grid[row].tolist()
+        data = self._file["vtp/refined" if refined else "vtp/cam"][row, :h, :w]
+        return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key)
+
+    def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
+            supports: Sequence[str] | None = None, size: Size = None) -> torch.Tensor:
+        """The visual-visual prior of one episode, by index or by ``(query, class_id, supports)``.
+
+        Args:
+            episode_index: The episode's index; or leave it ``None`` and give the three keys below.
+            query: Query image key.
+            class_id: Target class.
+            supports: Support image keys in shot order.
+            size: As in :meth:`vtp` (``"original"``: the query's original size).
+
+        Returns:
+            (C, h, w) or (C, H, W) float32 tensor, C = 2K.
+
+        Raises:
+            CacheKeyError: if the episode or its VVP is not cached.
+            InvalidInputError: if neither an index nor all three keys are given.
+        """
+        if episode_index is None:
+            if query is None or class_id is None or supports is None:
+                raise InvalidInputError("give episode_index, or all of query, class_id and supports")
+            episode_index = self.find_episode(query, class_id, supports)
+        index = int(episode_index)
+        row = self._index.vvp_row.get(index)
+        if row is None:
+            raise CacheKeyError(f"no VVP for episode {index} in {self.path} ({self._episode_range()}); "
+                                f"run `clipprior inspect {self.path}` to see what is cached")
+        h, w = self._index.file.vvp_grid[row].tolist()
+        data = self._file["vvp/maps"][row, :, :h, :w]
+        query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
+        return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key)
+
+    def _sized(self, x: torch.Tensor, size: Size, image_key: str | None) -> torch.Tensor:
+        if size is None:
+            return x
+        if isinstance(size, str):
+            if size != "original":
+                raise InvalidInputError(f"size={size!r}: use None, 'original' or (height, width)")
+            if image_key is None:
+                raise CacheError(f"{self.path}: this entry's image is unknown, so 'original' has no size")
+            return resize_prior(x, self.image_size(image_key))
+        return resize_prior(x, size)
+
+    def _episode_range(self) -> str:
+        episodes = self._index.episodes
+        if not episodes:
+            return "it has no episodes"
+        return f"{len(episodes)} episodes, indices {episodes[0].index}..{episodes[-1].index}"
+
+    def _unknown_image(self, image_key: str) -> str:
+        keys = self._index.file.image_keys
+        base = os.path.basename(str(image_key))
+        close = [k for k in keys if os.path.basename(k) == base][:3]
+        if not close and len(keys) <= 20000:
+            close = difflib.get_close_matches(str(image_key), keys, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        return (f"image {image_key!r} is not in {self.path} ({len(keys)} images){hint} "
+                f"Run `clipprior inspect {self.path}` to see what is cached")

@@ -1,0 +1,248 @@
+"""Provenance comparison, input validation and the union of cache sources (consolidation and merge).
+
+Example:
+    >>> provenance_diff({"fold": 0}, {"fold": 1})
+    {'fold': (0, 1)}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipprior import _h5
+from clipprior._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
+from clipprior.errors import CacheError, CacheMismatchError, InvalidInputError
+
+__all__ = ["SourceUnion", "as_episode", "check_int", "check_key", "mismatch_error", "missing_entries",
+           "normalize_provenance", "now_utc", "provenance_diff", "to_map"]
+
+_MISSING = "<missing>"
+
+
+# -------------------------------------------------------------------------------------- provenance
+
+
+def normalize_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(provenance, Mapping):
+        raise InvalidInputError(f"provenance must be a dict, got {type(provenance).__name__}")
+    bad = [k for k in provenance if not isinstance(k, str) or not k or k in _h5.RESERVED_ATTRS]
+    if bad:
+        raise InvalidInputError(
+            f"provenance keys {bad!r} are not allowed (empty, not a string, or reserved: {sorted(_h5.RESERVED_ATTRS)})"
+        )
+    try:
+        return json.loads(json.dumps(dict(provenance), sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"provenance must be JSON-serialisable (str, int, float, bool, list, dict): {err}") \
+            from None
+
+
+def _expand(value: Any) -> Any:
+    """A dict, or a string holding a JSON object (such as ``PriorConfig.to_json()``), as a dict."""
+    if isinstance(value, str) and value.startswith("{"):
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(value)
+            if isinstance(parsed, dict):
+                return parsed
+    return value
+
+
+def provenance_diff(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between two provenance dicts, as ``{name: (cached, requested)}``.
+
+    Nested settings (the prior config, stored as JSON) are compared field by field and reported as
+    ``"config.field"``. A setting present on one side only shows ``"<missing>"`` on the other.
+
+    Example:
+        >>> provenance_diff({"fold": 0, "config": '{"pir_layers": 8}'}, {"fold": 1, "config": '{"pir_layers": 4}'})
+        {'config.pir_layers': (8, 4), 'fold': (0, 1)}
+    """
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in sorted(set(cached) | set(requested)):
+        a, b = _expand(cached.get(name, _MISSING)), _expand(requested.get(name, _MISSING))
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update({f"{name}.{k}": v for k, v in provenance_diff(a, b).items()})
+        elif a != b:
+            out[name] = (a, b)
+    return out
+
+
+def mismatch_error(path: Path, diff: Mapping[str, tuple[Any, Any]], what: str) -> CacheMismatchError:
+    lines = "\n".join(f"  {name}: cached={a!r} requested={b!r}" for name, (a, b) in diff.items())
+    err = CacheMismatchError(
+        f"{path} was written with other settings than the requested {what}; rerun with the cached settings, "
+        f"or choose another output (or delete it) to start over. Differences:\n{lines}"
+    )
+    err.differences = dict(diff)  # type: ignore[attr-defined]
+    return err
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def check_key(key: Any, what: str) -> str:
+    if not isinstance(key, str) or not key or "\x00" in key:
+        raise InvalidInputError(f"{what} must be a non-empty string without NUL characters, got {key!r}")
+    return key
+
+
+def check_int(value: Any, what: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidInputError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def to_map(x: Any, ndim: int, what: str) -> np.ndarray:
+    """A prior as a C-contiguous float16 array of ``ndim`` dims, every value finite in float16."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"{what} is not a numeric array: {err}") from None
+    if arr.ndim != ndim or min(arr.shape, default=0) < 1:
+        raise InvalidInputError(f"{what} must have {ndim} non-empty dims, got shape {tuple(arr.shape)}")
+    with np.errstate(over="ignore"):  # out-of-range values become inf and are refused just below
+        out = np.ascontiguousarray(arr.astype(_h5.MAP_DTYPE))
+    if not np.isfinite(out).all():
+        raise InvalidInputError(f"{what} has NaN/inf values (or values beyond float16's range ±65504)")
+    return out
+
+
+def as_episode(obj: Any) -> EpisodeRecord:
+    """Coerce an :class:`EpisodeRecord`, a 6-sequence, a mapping or an object with those attributes."""
+    names = EpisodeRecord._fields
+    if isinstance(obj, Mapping):
+        values = [obj.get(n) for n in names]
+    elif isinstance(obj, Sequence) and not isinstance(obj, str) and len(obj) == len(names):
+        values = list(obj)
+    elif all(hasattr(obj, n) for n in names):
+        values = [getattr(obj, n) for n in names]
+    else:
+        raise InvalidInputError(f"cannot read an episode from {obj!r}; give fields {names}")
+    index = check_int(values[0], "episode index", minimum=0)
+    query = check_key(values[1], f"episode {index} query")
+    query_label = check_key(values[2], f"episode {index} query_label")
+    class_id = check_int(values[3], f"episode {index} class_id")
+    if isinstance(values[4], str) or isinstance(values[5], str):
+        raise InvalidInputError(f"episode {index}: supports and support_labels must be sequences of keys")
+    supports = tuple(check_key(s, f"episode {index} support") for s in values[4])
+    labels = tuple(check_key(s, f"episode {index} support label") for s in values[5])
+    if not supports or len(supports) != len(labels):
+        raise InvalidInputError(
+            f"episode {index}: needs K >= 1 supports and as many support labels, got {len(supports)} and {len(labels)}"
+        )
+    return EpisodeRecord(index, query, query_label, class_id, supports, labels)
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------- consolidation
+
+
+def missing_entries(index: SourceUnion) -> list[str]:
+    """What the episode table needs but the union lacks (query VTP, VVP, query image size)."""
+    missing: list[str] = []
+    for episode in index.episodes.values():
+        if episode.query not in index.images:
+            missing.append(f"image size of {episode.query!r}")
+        if (episode.query, episode.class_id) not in index.vtp:
+            missing.append(f"VTP ({episode.query!r}, class {episode.class_id})")
+        if episode.index not in index.vvp:
+            missing.append(f"VVP of episode {episode.index}")
+    return list(dict.fromkeys(missing))
+
+
+class SourceUnion:
+    """The sorted, de-duplicated union of several cache-layout sources (indices only, no maps)."""
+
+    def __init__(self, indices: Sequence[FileIndex]) -> None:
+        self.indices = list(indices)
+        self.images: dict[str, tuple[int, int]] = {}
+        self.vtp: dict[tuple[str, int], tuple[int, int, tuple[int, int]]] = {}
+        self.vvp: dict[int, tuple[int, int, tuple[int, int]]] = {}
+        self.episodes: dict[int, EpisodeRecord] = {}
+        self.vvp_channels = 0
+        for source, idx in enumerate(self.indices):
+            self.add(source, idx)
+
+    def add(self, source: int, idx: FileIndex) -> None:
+        for key, size in idx.image_items():
+            known = self.images.setdefault(key, size)
+            if known != size:
+                raise CacheError(f"image {key!r} has size {known} in one part and {size} in {idx.path}")
+        for row, (key, grid) in enumerate(zip(idx.vtp_keys(), idx.vtp_grid.tolist(), strict=True)):
+            self.vtp.setdefault(key, (source, row, (int(grid[0]), int(grid[1]))))
+        if len(idx.vvp_episode):
+            if self.vvp_channels and idx.vvp_channels != self.vvp_channels:
+                raise CacheError(
+                    f"VVP has {self.vvp_channels} channels in one part and {idx.vvp_channels} in {idx.path}"
+                )
+            self.vvp_channels = idx.vvp_channels
+        for row, (episode, grid) in enumerate(zip(idx.vvp_episode.tolist(), idx.vvp_grid.tolist(), strict=True)):
+            self.vvp.setdefault(int(episode), (source, row, (int(grid[0]), int(grid[1]))))
+        for record in idx.episodes:
+            self.add_episode(record, idx.path)
+
+    def add_episode(self, record: EpisodeRecord, where: Path) -> bool:
+        """Add one episode; ``False`` if it was known already, :class:`CacheMismatchError` on a conflict."""
+        known = self.episodes.get(record.index)
+        if known is None:
+            if self.episodes:
+                shot = len(next(iter(self.episodes.values())).supports)
+                if len(record.supports) != shot:
+                    raise CacheMismatchError(
+                        f"episode {record.index} has {len(record.supports)} supports but the cached episodes have "
+                        f"{shot} ({where}); every episode of a cache has the same shot"
+                    )
+            self.episodes[record.index] = record
+            return True
+        if known != record:
+            diff = {f"episode {record.index}.{f}": (a, b)
+                    for f, a, b in zip(EpisodeRecord._fields, known, record, strict=True) if a != b}
+            raise mismatch_error(where, diff, "episode table")
+        return False
+
+    def write(self, out: Path, *, provenance: Mapping[str, Any], attrs: Mapping[str, Any],
+              memory: Sequence[Mapping[str, Sequence[np.ndarray]]] = (),
+              progress: Callable[[int], None] | None = None, what: str = "cache file") -> None:
+        """Write the union, sorted by key, atomically to ``out``."""
+        images = sorted(self.images.items())
+        image_row = {key: row for row, (key, _) in enumerate(images)}
+        vtp_keys = sorted(self.vtp)
+        vtp = [self.vtp[k] for k in vtp_keys]
+        vvp_keys = sorted(self.vvp)
+        vvp = [self.vvp[k] for k in vvp_keys]
+
+        def plan(entries: list[tuple[int, int, tuple[int, int]]], lead: tuple[int, ...]) -> MapPlan:
+            return MapPlan(
+                sources=np.asarray([e[0] for e in entries], np.int64),
+                rows=np.asarray([e[1] for e in entries], np.int64),
+                grids=np.asarray([e[2] for e in entries], np.int64).reshape(-1, 2),
+                lead=lead,
+            )
+
+        with SourceSet([i.path for i in self.indices], memory) as sources, _h5.atomic_h5(out, what=what) as handle:
+            _h5.write_cache_file(
+                handle, attrs=attrs, provenance=provenance, images=images,
+                vtp_keys=[(image_row[k[0]], k[1]) for k in vtp_keys], vtp_plan=plan(vtp, ()),
+                vvp_episodes=vvp_keys, vvp_plan=plan(vvp, (self.vvp_channels,)),
+                episodes=[self.episodes[i] for i in sorted(self.episodes)], sources=sources, progress=progress,
+            )
+
+    def entry_count(self) -> int:
+        """VTP plus VVP entries (the unit of progress bars)."""
+        return len(self.vtp) + len(self.vvp)
+

@@ -1,0 +1,598 @@
+"""The crash-safe streaming writer of prior caches, and the merge of shard files.
+
+See :mod:`clipprior.cache` for the overview and ``docs/cache-format.md`` for the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipprior import _h5
+from clipprior._cache_union import (
+    SourceUnion,
+    as_episode,
+    check_int,
+    check_key,
+    mismatch_error,
+    missing_entries,
+    normalize_provenance,
+    now_utc,
+    provenance_diff,
+    to_map,
+)
+from clipprior._h5 import EpisodeRecord, FileIndex
+from clipprior.errors import CacheError, InvalidInputError
+
+try:  # POSIX advisory locks; released by the kernel when a process dies, even by SIGKILL.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CacheWriter", "merge_caches", "parts_dir", "shard_from_environment", "shard_path"]
+
+_DEFAULT_BUFFER_BYTES = 64 << 20
+_MANIFEST = "manifest.json"
+_LOCK = ".lock"
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+def shard_path(path: str | os.PathLike[str], index: int, count: int) -> Path:
+    """The file shard ``index`` of ``count`` writes for the final path ``path``.
+
+    Example:
+        >>> shard_path("out/priors.h5", 2, 4).as_posix()
+        'out/priors.shard-2-of-4.h5'
+    """
+    index, count = _check_shard((index, count))
+    p = Path(path)
+    return p.with_name(f"{p.stem if p.suffix else p.name}.shard-{index}-of-{count}{p.suffix or '.h5'}")
+
+
+def parts_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory holding the committed segments of an unfinished run writing ``path``.
+
+    Example:
+        >>> parts_dir("priors.h5").name
+        'priors.h5.parts'
+    """
+    p = Path(path)
+    return p.with_name(p.name + ".parts")
+
+
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``(rank, world_size)`` when running under ``torchrun`` (or any launcher setting RANK/WORLD_SIZE).
+
+    Args:
+        environ: Environment to read (default: ``os.environ``).
+
+    Returns:
+        The shard of this process, or ``None`` for a single process (WORLD_SIZE unset or 1).
+
+    Raises:
+        InvalidInputError: if RANK/WORLD_SIZE are set but not valid integers.
+
+    Example:
+        >>> shard_from_environment({"RANK": "1", "WORLD_SIZE": "4"})
+        (1, 4)
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env:
+        return None
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+    except ValueError:
+        raise InvalidInputError(
+            f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers"
+        ) from None
+    return None if world == 1 else _check_shard((rank, world))
+
+
+def _check_shard(shard: Sequence[int] | None) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in shard)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"shard={shard!r} must be a pair (index, count), e.g. (0, 4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInputError(f"shard {index}/{count} is out of range; use 0 <= index < count")
+    return index, count
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+class CacheWriter:
+    """Streams priors into a crash-safe, resumable cache file.
+
+    Work is buffered in memory (bounded by ``max_buffer_bytes``) and committed as segment files in
+    ``OUT.parts/``; each commit is atomic, so a process killed at any moment (SIGKILL included)
+    loses at most the uncommitted entries. Creating a writer for a path with committed segments (or
+    a finished file) resumes: :meth:`has_vtp` / :meth:`has_vvp` report what is done, and new
+    entries are added to it. :meth:`finalize` writes ``OUT`` atomically and removes ``OUT.parts``.
+
+    Args:
+        path: Final cache file (``--out``); with ``shard`` the writer writes
+            :func:`shard_path` of it instead (see :attr:`path`).
+        provenance: JSON-serialisable settings the priors depend on (clipprior version, model id,
+            weights sha256, ``PriorConfig.to_json()``, dataset, fold, split, ...). Resuming or
+            appending with a different dict raises :class:`CacheMismatchError`.
+        shard: ``(index, count)`` when this process computes one shard of a job split over
+            ``count`` processes (see :func:`merge_caches`).
+        max_buffer_bytes: Uncommitted map bytes after which the writer commits by itself.
+
+    Raises:
+        CacheMismatchError: if ``path`` (or its unfinished run) holds other settings; the message
+            lists each ``name: cached=X requested=Y``.
+        CacheError: if the output location is not writable, the file is not a cache, or another
+            process is writing the same path.
+        InvalidInputError: if ``provenance`` or ``shard`` is malformed.
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "p.h5"
+        >>> episodes = [(0, "q.jpg", "q.png", 3, ["s.jpg"], ["s.png"])]
+        >>> with CacheWriter(out, {"fold": 0}) as w:
+        ...     w.set_episodes(episodes)
+        ...     w.add_image("q.jpg", 32, 32)
+        ...     if not w.has_vtp("q.jpg", 3):
+        ...         w.add_vtp("q.jpg", 3, np.zeros((2, 2)), np.zeros((2, 2)))
+        ...     w.add_vvp(0, np.zeros((2, 2, 2)))
+        ...     w.finalize().name
+        'p.h5'
+    """
+
+    def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, Any], *,
+                 shard: tuple[int, int] | None = None, max_buffer_bytes: int = _DEFAULT_BUFFER_BYTES) -> None:
+        self.provenance = normalize_provenance(provenance)
+        self.shard = None if shard is None else _check_shard(shard)
+        self.path = Path(path) if self.shard is None else shard_path(path, *self.shard)
+        self.parts = parts_dir(self.path)
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self._lock_fd: int | None = None
+        self._closed = False
+        self._segments: list[Path] = []
+        self._run_id = ""
+        self._created = ""
+        self._union = SourceUnion([])
+        self._base: FileIndex | None = None
+        self._reset_buffer()
+        self._open()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.path.is_dir():
+            raise CacheError(f"{self.path} is a directory; give a file name for the cache, e.g. {self.path}/priors.h5")
+        base = FileIndex.load(self.path) if self.path.exists() else None
+        if base is not None:
+            self._check_provenance(base.attrs["provenance"], self.path)
+            if self.shard is None and "shard_index" in base.attrs:
+                raise CacheError(f"{self.path} is a shard file; merge it with `clipprior merge` instead of appending")
+        manifest = self._read_manifest()
+        if manifest is not None:
+            self._check_provenance(manifest.get("provenance", {}), self.parts)
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        except OSError as err:
+            self._release()
+            raise CacheError(f"cannot write the cache at {self.path}: {_h5.describe_os_error(err, self.parts / 'x')}") \
+                from err
+        try:
+            self._recover(base, manifest)
+        except BaseException:
+            self._release()
+            raise
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        path = self.parts / _MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CacheError(f"unreadable run manifest {path} ({err}); delete {self.parts} to start over") from err
+
+    def _check_provenance(self, cached: Mapping[str, Any], where: Path) -> None:
+        diff = provenance_diff(cached, self.provenance)
+        if diff:
+            raise mismatch_error(where, diff, "settings")
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.parts / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # pragma: no cover - Windows
+            return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(
+                f"another process is writing {self.path} (lock {self.parts / _LOCK}); wait for it to finish or stop it"
+            ) from None
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _recover(self, base: FileIndex | None, manifest: dict[str, Any] | None) -> None:
+        """Remove debris of a killed run and load the state of the committed work."""
+        for debris in [*self.parts.glob("*.tmp"), self.path.with_name(self.path.name + ".tmp")]:
+            with contextlib.suppress(FileNotFoundError):
+                debris.unlink()
+        segments = sorted(self.parts.glob("seg-*.h5"))
+        if manifest is not None and base is not None and base.attrs.get("run_id") == manifest.get("run_id"):
+            # Killed after the final file was renamed into place but before the parts were removed.
+            self._remove_parts(segments)
+            self.parts.mkdir(parents=True, exist_ok=True)
+            manifest, segments = None, []
+        if manifest is None:
+            if segments:
+                raise CacheError(f"{self.parts} holds segments but no manifest; delete it to start over")
+            manifest = {
+                "format": _h5.FORMAT_NAME, "format_version": _h5.FORMAT_VERSION, "run_id": uuid.uuid4().hex,
+                "created_utc": now_utc(), "provenance": self.provenance,
+                "shard": list(self.shard) if self.shard else None,
+            }
+            self._write_json_atomic(self.parts / _MANIFEST, manifest)
+        self._run_id = str(manifest["run_id"])
+        self._created = str(base.attrs.get("created_utc", manifest["created_utc"]) if base else manifest["created_utc"])
+        indices = [base] if base is not None else []
+        for segment in segments:
+            index = FileIndex.load(segment)
+            if index.attrs.get("run_id") != self._run_id:
+                raise CacheError(f"segment {segment} belongs to another run; delete {self.parts} to start over")
+            indices.append(index)
+        self._union = SourceUnion(indices)
+        self._segments = segments
+        self._base = base
+
+    def _write_json_atomic(self, path: Path, data: Mapping[str, Any]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(data, fh, sort_keys=True, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CacheError(f"could not write {path}: {_h5.describe_os_error(err, path)}") from err
+        _h5.fsync_dir(path.parent)
+
+    def _remove_parts(self, segments: Iterable[Path]) -> None:
+        # The manifest goes last: segments without a manifest are never left behind.
+        for path in [*segments, self.parts / _MANIFEST, self.parts / _LOCK]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.parts.rmdir()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._closed:
+            return
+        try:
+            self.commit()
+        except CacheError:
+            if exc is None:
+                raise  # nothing else to report: this is the error
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the lock without finalizing; uncommitted entries are dropped (call :meth:`commit` first)."""
+        self._closed = True
+        self._release()
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def has_image(self, image_key: str) -> bool:
+        """Whether the image's size is recorded."""
+        return image_key in self._union.images or image_key in self._buf_images
+
+    def has_vtp(self, image_key: str, class_id: int) -> bool:
+        """Whether the VTP of ``(image_key, class_id)`` is cached (committed or buffered)."""
+        key = (image_key, int(class_id))
+        return key in self._union.vtp or key in self._buf_vtp
+
+    def has_vvp(self, episode_index: int) -> bool:
+        """Whether the VVP of episode ``episode_index`` is cached (committed or buffered)."""
+        return int(episode_index) in self._union.vvp or int(episode_index) in self._buf_vvp
+
+    @property
+    def episodes(self) -> list[EpisodeRecord]:
+        """The episode table as known so far, sorted by index."""
+        return [self._union.episodes[i] for i in sorted(self._union.episodes)]
+
+    @property
+    def pending(self) -> int:
+        """Entries (images, VTP, VVP) added since the last commit."""
+        return len(self._buf_images) + len(self._buf_vtp) + len(self._buf_vvp)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheError(f"the writer of {self.path} is closed (finalized or failed); create a new CacheWriter")
+
+    # -- adding ------------------------------------------------------------------------------------
+
+    def _reset_buffer(self) -> None:
+        self._buf_images: dict[str, tuple[int, int]] = {}
+        self._buf_vtp: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._buf_vvp: dict[int, np.ndarray] = {}
+        self._buf_episodes: list[EpisodeRecord] = []
+        self._buf_bytes = 0
+
+    def add_image(self, image_key: str, height: int, width: int) -> None:
+        """Record an image's original size (needed before its VTP; repeat calls must agree).
+
+        Args:
+            image_key: The dataset's key of the image (e.g. its path relative to the data root).
+            height: Original height in pixels.
+            width: Original width in pixels.
+
+        Raises:
+            InvalidInputError: on a bad key or size, or a size other than the one recorded.
+        """
+        self._check_open()
+        key = check_key(image_key, "image_key")
+        size = (check_int(height, "height", minimum=1), check_int(width, "width", minimum=1))
+        known = self._union.images.get(key, self._buf_images.get(key))
+        if known is not None:
+            if known != size:
+                raise InvalidInputError(f"image {key!r} was recorded with size {known}, now {size}")
+            return
+        self._buf_images[key] = size
+
+    def add_vtp(self, image_key: str, class_id: int, cam: Any, refined: Any) -> None:
+        """Add the VTP of one ``(image, class)``: raw Grad-CAM and PIR-refined map.
+
+        Args:
+            image_key: Key given to :meth:`add_image` before.
+            class_id: The dataset's class id.
+            cam: (h, w) raw Grad-CAM on the image's patch grid (numpy or torch), values in [0, 1].
+            refined: (h, w) PIR-refined map on the same grid.
+
+        Raises:
+            InvalidInputError: unknown image, entry already cached (check :meth:`has_vtp` first),
+                shapes that disagree, or non-finite values.
+            CacheError: if an automatic commit fails (disk full, ...).
+        """
+        self._check_open()
+        key = (check_key(image_key, "image_key"), check_int(class_id, "class_id"))
+        if not self.has_image(key[0]):
+            raise InvalidInputError(f"image {key[0]!r} has no recorded size; call add_image() before add_vtp()")
+        if self.has_vtp(*key):
+            raise InvalidInputError(f"VTP {key} is cached already; check has_vtp() before computing it")
+        cam_arr = to_map(cam, 2, f"VTP cam of {key}")
+        refined_arr = to_map(refined, 2, f"VTP refined of {key}")
+        if cam_arr.shape != refined_arr.shape:
+            raise InvalidInputError(f"VTP {key}: cam {cam_arr.shape} and refined {refined_arr.shape} differ in shape")
+        self._buf_vtp[key] = (cam_arr, refined_arr)
+        self._grow(cam_arr.nbytes + refined_arr.nbytes)
+
+    def add_vvp(self, episode_index: int, vvp: Any) -> None:
+        """Add the VVP of one episode.
+
+        Args:
+            episode_index: An episode of the table given to :meth:`set_episodes`.
+            vvp: (C, h, w) on the query's patch grid, C = 2K channels (every VVP of a cache has the
+                same C).
+
+        Raises:
+            InvalidInputError: unknown episode, entry already cached, bad shape or values.
+            CacheError: if an automatic commit fails.
+        """
+        self._check_open()
+        index = check_int(episode_index, "episode_index", minimum=0)
+        if index not in self._union.episodes:
+            raise InvalidInputError(f"episode {index} is not in the episode table; call set_episodes() first")
+        if self.has_vvp(index):
+            raise InvalidInputError(f"VVP of episode {index} is cached already; check has_vvp() before computing it")
+        arr = to_map(vvp, 3, f"VVP of episode {index}")
+        channels = self._union.vvp_channels or next((v.shape[0] for v in self._buf_vvp.values()), 0)
+        if channels and arr.shape[0] != channels:
+            raise InvalidInputError(f"VVP of episode {index} has {arr.shape[0]} channels; the cache has {channels}")
+        self._buf_vvp[index] = arr
+        self._grow(arr.nbytes)
+
+    def set_episodes(self, episodes: Iterable[Any]) -> None:
+        """Record the episode table (once per run; the same table again on resume is a no-op).
+
+        Args:
+            episodes: :class:`EpisodeRecord` s, or 6-tuples / mappings / objects with the fields
+                ``(index, query, query_label, class_id, supports, support_labels)``.
+
+        Raises:
+            CacheMismatchError: if an episode differs from the cached one with the same index.
+            InvalidInputError: on malformed rows or a shot that differs between episodes.
+        """
+        self._check_open()
+        records = [as_episode(e) for e in episodes]
+        added = [r for r in records if self._union.add_episode(r, self.path)]
+        if added:
+            self._buf_episodes.extend(added)
+            self.commit()
+
+    def _grow(self, nbytes: int) -> None:
+        self._buf_bytes += nbytes
+        if self._buf_bytes >= self.max_buffer_bytes:
+            self.commit()
+
+    # -- committing --------------------------------------------------------------------------------
+
+    def commit(self) -> int:
+        """Write the buffered entries as one atomic segment.
+
+        Returns:
+            The number of entries committed (0 when nothing was pending).
+
+        Raises:
+            CacheError: if the segment cannot be written (disk full, ...). Committed work is kept and
+                the buffer too, so the call can be retried.
+        """
+        self._check_open()
+        if not (self.pending or self._buf_episodes):
+            return 0
+        number = int(self._segments[-1].stem.split("-")[1]) + 1 if self._segments else 0
+        path = self.parts / f"seg-{number:06d}.h5"
+        segment = SourceUnion([])
+        memory: dict[str, list[np.ndarray]] = {"vtp/cam": [], "vtp/refined": [], "vvp/maps": []}
+        # A segment's image table covers its VTP rows, whatever segment recorded the image first.
+        for image_key, _ in self._buf_vtp:
+            segment.images[image_key] = self._union.images.get(image_key) or self._buf_images[image_key]
+        segment.images.update(self._buf_images)
+        for row, (key, (cam, refined)) in enumerate(self._buf_vtp.items()):
+            memory["vtp/cam"].append(cam)
+            memory["vtp/refined"].append(refined)
+            segment.vtp[key] = (0, row, (cam.shape[0], cam.shape[1]))
+        for row, (index, maps) in enumerate(self._buf_vvp.items()):
+            memory["vvp/maps"].append(maps)
+            segment.vvp[index] = (0, row, (maps.shape[1], maps.shape[2]))
+            segment.vvp_channels = maps.shape[0]
+        for record in self._buf_episodes:
+            segment.episodes[record.index] = record
+        segment.write(path, provenance=self.provenance, attrs={"kind": "segment", "run_id": self._run_id},
+                      memory=[memory], what="segment")
+        index = FileIndex.load(path)
+        self._union.add(len(self._union.indices), index)
+        self._union.indices.append(index)
+        self._segments.append(path)
+        count = self.pending
+        self._reset_buffer()
+        return count
+
+    def finalize(self, *, require_complete: bool | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+        """Commit, consolidate everything into :attr:`path` atomically, remove the parts and close.
+
+        The final file lists images, VTP and VVP sorted by key, so it does not depend on the order
+        of work or on interruptions: an interrupted and resumed run gives the same datasets as an
+        uninterrupted one.
+
+        Args:
+            require_complete: Refuse to finalize while an episode lacks its query VTP or its VVP
+                (default: on for a whole run, off for a shard).
+            progress: Called as ``progress(done, total)`` entries while writing.
+
+        Returns:
+            The path of the finished file.
+
+        Raises:
+            CacheError: if entries are missing (``require_complete``) or writing fails; the
+                committed segments stay, so rerunning the same command resumes.
+        """
+        self._check_open()
+        self.commit()
+        if require_complete is None:
+            require_complete = self.shard is None
+        if require_complete:
+            missing = missing_entries(self._union)
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise CacheError(f"cannot finalize {self.path}: {len(missing)} expected entries are missing ({shown}); "
+                                 "rerun the computation to add them")
+        if self._segments or self._base is None:
+            attrs: dict[str, Any] = {"kind": "shard" if self.shard else "cache", "run_id": self._run_id,
+                                     "created_utc": self._created, "finalized_utc": now_utc()}
+            if self.shard:
+                attrs.update(shard_index=self.shard[0], shard_count=self.shard[1])
+            done, total = 0, self._union.entry_count()
+
+            def step(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress is not None:
+                    progress(done, total)
+
+            self._union.write(self.path, provenance=self.provenance, attrs=attrs, progress=step)
+        self._remove_parts(self._segments)
+        self.close()
+        return self.path
+
+
+# ------------------------------------------------------------------------------------------ merge
+
+
+def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, overwrite: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """Merge the shard files of one job into the cache a single run would have written.
+
+    Args:
+        paths: All shard files of the job (``OUT.shard-I-of-N.h5``), in any order.
+        out: The merged cache file.
+        overwrite: Replace ``out`` if it exists.
+        progress: Called as ``progress(done, total)`` entries while writing.
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        CacheMismatchError: if the shards were written with different settings or episode tables.
+        CacheError: if a shard is missing or repeated, an input is not a shard, an episode lacks
+            an entry, or ``out`` exists (without ``overwrite``) or cannot be written.
+
+    Example:
+        >>> # after: torchrun --nproc-per-node 4 -m clipprior.cli.main precompute ... --out priors.h5
+        >>> # merge_caches(sorted(Path().glob("priors.shard-*-of-4.h5")), "priors.h5")
+    """
+    if not paths:
+        raise CacheError("no shard files given; pass every OUT.shard-I-of-N.h5 of the job")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CacheError(f"{out} exists; remove it or pass overwrite=True (--overwrite)")
+    indices = [FileIndex.load(Path(p)) for p in paths]
+    shards: dict[int, FileIndex] = {}
+    counts = set()
+    for idx in indices:
+        if "shard_index" not in idx.attrs:
+            raise CacheError(f"{idx.path} is not a shard file (no shard_index attribute); merge takes shard files")
+        index, count = int(idx.attrs["shard_index"]), int(idx.attrs["shard_count"])
+        counts.add(count)
+        if index in shards:
+            raise CacheError(f"shard {index} is given twice: {shards[index].path} and {idx.path}")
+        shards[index] = idx
+    if len(counts) != 1:
+        raise CacheError(f"the files come from jobs with different shard counts {sorted(counts)}")
+    count = counts.pop()
+    absent = [i for i in range(count) if i not in shards]
+    if absent:
+        names = ", ".join(str(shard_path(out, i, count)) for i in absent)
+        raise CacheError(f"missing shard(s) {absent} of {count}: expected {names}")
+    ordered = [shards[i] for i in range(count)]
+    first = ordered[0]
+    for idx in ordered[1:]:
+        diff = provenance_diff(first.attrs["provenance"], idx.attrs["provenance"])
+        if diff:
+            raise mismatch_error(idx.path, diff, f"settings of {first.path}")
+    union = SourceUnion(ordered)
+    missing = missing_entries(union)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CacheError(f"the {count} shards do not cover every episode: {len(missing)} entries missing ({shown})")
+    created = min(str(i.attrs.get("created_utc", "")) for i in ordered)
+    attrs = {"kind": "cache", "run_id": uuid.uuid4().hex, "created_utc": created, "finalized_utc": now_utc()}
+    done, total = 0, union.entry_count()
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    union.write(out, provenance=first.attrs["provenance"], attrs=attrs, progress=step)
+    return out
+

@@ -1,0 +1,59 @@
+"""The HDF5 prior cache: a crash-safe streaming writer, a DataLoader-safe reader, and shard merging.
+
+Priors are computed once (``clipprior precompute``), written with :class:`CacheWriter` and read back
+by any trainer with :class:`PriorCache`, which needs neither CLIP nor clipprior's model code. The
+file layout is specified in ``docs/cache-format.md``; in short:
+
+* VTP per ``(image, class)`` -- the raw Grad-CAM and the PIR-refined map -- and VVP per episode,
+  on the CLIP patch grid of the image's own geometry, float16, gzip-compressed, one chunk per
+  entry, with each image's original size recorded, so a reader maps a prior onto any geometry
+  (:func:`resize_prior`, :func:`letterbox_prior`).
+* While a run is in progress, finished work is committed as small segment files in
+  ``OUT.parts/``, each written under a temporary name, fsynced and atomically renamed;
+  :meth:`CacheWriter.finalize` consolidates them, sorted by key, into ``OUT`` (atomically again).
+  ``OUT`` is complete or absent, a killed run resumes, and the result does not depend on where
+  the run was interrupted.
+* ``shard=(i, n)`` splits a job over processes or machines; :func:`merge_caches` joins the shard
+  files into the file a single run would have written.
+
+The implementation lives in private modules (``_cache_write``, ``_cache_read``, ``_cache_report``,
+``_cache_union``, ``_h5``); this module is the public surface.
+
+Example:
+    >>> import numpy as np, tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "priors.h5"
+    >>> with CacheWriter(out, {"dataset": "demo"}) as writer:
+    ...     writer.add_image("a.jpg", 48, 64)
+    ...     writer.add_vtp("a.jpg", 1, np.full((3, 4), 0.5), np.full((3, 4), 0.25))
+    ...     path = writer.finalize()
+    >>> cache = PriorCache(path)
+    >>> cache.vtp("a.jpg", 1).shape, cache.vtp("a.jpg", 1, size="original").shape
+    (torch.Size([3, 4]), torch.Size([48, 64]))
+"""
+
+from __future__ import annotations
+
+from clipprior._cache_read import PriorCache, Size, letterbox_prior, resize_prior
+from clipprior._cache_report import CheckReport, check_cache, summarize_cache
+from clipprior._cache_union import provenance_diff
+from clipprior._cache_write import CacheWriter, merge_caches, parts_dir, shard_from_environment, shard_path
+from clipprior._h5 import FORMAT_NAME, FORMAT_VERSION, EpisodeRecord
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CacheWriter",
+    "CheckReport",
+    "EpisodeRecord",
+    "PriorCache",
+    "Size",
+    "check_cache",
+    "letterbox_prior",
+    "merge_caches",
+    "parts_dir",
+    "provenance_diff",
+    "resize_prior",
+    "shard_from_environment",
+    "shard_path",
+    "summarize_cache",
+]
