@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -182,10 +183,19 @@ def _load_hf_directory(path: Path, attn_implementation: str | None) -> tuple[CLI
     return model, tokenizer, digest.hexdigest()
 
 
+def _offline_env() -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value right now."""
+    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool | None) -> tuple[
     CLIPModel, CLIPTokenizer, str
 ]:
     kwargs: dict[str, object] = {"attn_implementation": attn_implementation}
+    if local_files_only is None and _offline_env():
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a value set later too.
+        local_files_only = True
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     try:
