@@ -205,7 +205,8 @@ def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool
         raise WeightsNotFoundError(
             f"could not load {name!r} from the HuggingFace hub or its local cache ({type(err).__name__}); "
             f"this machine may be offline. Download it elsewhere with "
-            f"`huggingface-cli download {name}` and copy the cache, or pass --model with a local directory "
+            f"`hf download {name}` (`huggingface-cli download` before huggingface_hub 1.0) and copy the cache, "
+            f"or pass --model with a local directory "
             f"(CLIPModel.save_pretrained) or an OpenAI checkpoint such as ViT-B-16.pt."
         ) from err
     except ValueError as err:
