@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 from clipprior.errors import ClipPriorError
 
@@ -86,3 +88,12 @@ def handle_errors(func: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a progress task (blank until measurable)."""
+
+    def render(self, task: Task) -> Text:
+        """Render the task's speed."""
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.2f}/s", style="progress.data.speed")

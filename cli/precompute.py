@@ -1,0 +1,163 @@
+"""``clipprior precompute``: compute a benchmark's priors once and cache them in HDF5."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from clipprior.cli._common import (
+    RateColumn,
+    console,
+    debug_option,
+    device_option,
+    dtype_option,
+    handle_errors,
+    model_option,
+)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from clipprior.errors import InvalidInputError
+
+__all__ = ["parse_shard", "precompute"]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)``; ``None`` stays ``None``.
+
+    Raises:
+        InvalidInputError: if the text is not ``i/n`` with ``0 <= i < n``.
+
+    Example:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InvalidInputError(f"--shard {text!r} is not of the form i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise InvalidInputError(f"--shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
+    return Path(f"priors-{dataset}-fold{fold}-{split}-{shot}shot.h5")
+
+
+def _torchrun_device(device: str) -> str:
+    local = os.environ.get("LOCAL_RANK")
+    if device == "auto" and local is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local)}"
+    return device
+
+
+@click.command("precompute")
+@click.option("--dataset", type=click.Choice(["pascal5i", "coco20i"]), required=True, help="Benchmark.")
+@click.option("--fold", type=click.IntRange(0, 3), required=True, help="Fold 0-3.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder.")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
+              help="val: novel classes (test episodes); train: base classes.")
+@click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help="Supports per episode.")
+@click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None,
+              help="Number of episodes [default: the trainers' count: PASCAL 1000, COCO 5000].")
+@click.option("--seed", type=int, default=321, show_default=True, help="Episode sampler seed.")
+@model_option
+@device_option
+@dtype_option
+@click.option("--batch-size", type=click.IntRange(1, None), default=8, show_default=True, help="Images per CLIP batch.")
+@click.option("--text-classes", type=click.Choice(["target", "present"]), default=None,
+              help="Softmax class set: target alone (no labels needed) or every class in the query's ground "
+                   "truth (the official code; uses labels) [default: from the preset].")
+@click.option("--preset", default="default", show_default=True, help="Prior config preset: default, official, paper.")
+@click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of the trainers' list files (data_list_{fold}.txt, ...); built from the masks if omitted.")
+@click.option("--episode-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
+@click.option("--coco-split", type=click.Choice(["interleaved", "contiguous"]), default="interleaved",
+              show_default=True, help="COCO-20i fold definition.")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
+              help="Stop at broken data, or skip it and report.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute shard I of N (merge the shards with `clipprior merge`); set automatically under torchrun.")
+@click.option("--chunk-images", type=click.IntRange(1, None), default=64, show_default=True,
+              help="Query images per chunk: bounds memory; each chunk is committed to disk when done.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output HDF5 file [default: priors-DATASET-foldF-SPLIT-KSHOT.h5].")
+@debug_option
+@handle_errors
+def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, n_episodes: int | None, seed: int,
+               model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
+               list_root: Path | None, episode_file: Path | None, coco_split: str, on_error: str, shard: str | None,
+               chunk_images: int, out: Path | None, debug: bool) -> None:
+    """Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
+
+    Each unique query image runs through CLIP once, each (support, class) masked pass once; the
+    cache is written in atomic segments, so rerunning the same command after a crash resumes.
+
+    \b
+    Examples:
+      clipprior precompute --dataset pascal5i --fold 0 --data-root ~/data/VOCdevkit2012/VOC2012
+      clipprior precompute --dataset coco20i --fold 1 --data-root ~/data/MSCOCO2014 --shot 5 --dtype fp16
+      clipprior precompute --dataset pascal5i --fold 0 --data-root DIR --shard 0/4 --out p.h5
+      torchrun --nproc-per-node 8 -m clipprior.cli.main precompute --dataset coco20i --fold 0 --split train ...
+    """
+    from clipprior import get_preset, load_clip
+    from clipprior.cache import CacheWriter, shard_from_environment
+    from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
+    from clipprior.precompute import build_provenance, episode_records, run_precompute
+
+    config = get_preset(preset)
+    if text_classes is not None:
+        config = config.replace(text_classes=text_classes)
+    shard_spec = parse_shard(shard) or shard_from_environment()
+    out = out or _default_out(dataset, fold, split, shot)
+
+    console.print(f"[bold]clipprior precompute[/] {dataset} fold {fold} {split}, {shot}-shot -> {out}")
+    data = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
+                        on_error=on_error)
+    if episode_file is not None:
+        episodes, meta = read_episodes(episode_file)
+        meta.check_dataset(data)
+        shot = episodes[0].shot if episodes else shot
+        seed = int(meta.seed)
+    else:
+        count = n_episodes or default_episodes(dataset)
+        episodes = sample_episodes(data, count, shot=shot, seed=seed)
+    if data.report:
+        console.print(f"[yellow]skipped {len(data.report)} broken entries:[/]\n{data.report.summary()}")
+    clip = load_clip(model, device=_torchrun_device(device), dtype=dtype)
+    names = prompt_names(dataset)
+    provenance = build_provenance(
+        clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
+        list_checksum=data.list_checksum, class_names=names, extra={"coco_split": coco_split},
+    )
+    with CacheWriter(out, provenance, shard=shard_spec) as writer:
+        writer.set_episodes(episode_records(episodes))
+        columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            from clipprior.precompute import plan_work
+
+            plan = plan_work(episodes, shard_spec)
+            n_eps = sum(len(q.episodes) for q in plan.queries)
+            tasks = {
+                "query": bar.add_task("queries", total=len(plan.queries)),
+                "support": bar.add_task("supports", total=len(plan.support_uses)),
+                "episode": bar.add_task("episodes", total=n_eps),
+            }
+            stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
+                                   batch_size=batch_size, shard=shard_spec, chunk_images=chunk_images,
+                                   progress=lambda kind, n: bar.advance(tasks[kind], n))
+        path = writer.finalize()
+    console.print(
+        f"[green]done[/] {path}: {stats.vtp_written} VTP and {stats.vvp_written} VVP written "
+        f"({stats.skipped_vvp} episodes already cached); {stats.query_passes} query and "
+        f"{stats.support_passes} support passes"
+    )

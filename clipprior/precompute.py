@@ -1,0 +1,425 @@
+"""Planning and running the CLIP passes of a prior cache.
+
+VTP depends only on (image, class) and the query side of VVP only on the image, so the work is
+planned around unique passes:
+
+- every unique query image runs through CLIP once, in batches of images of the same size; that one
+  pass gives the Grad-CAM of each of its classes (one backward for all pairs of the batch), the
+  attention for PIR and the layer features for VVP;
+- every unique (support image, class) runs its masked pass once; its features are kept in memory
+  only while an episode still needs them (a reference count over the known schedule), so memory
+  stays flat as the episode count grows;
+- each episode's VVP is then a cheap cosine-max between features already computed.
+
+Everything is at the image's own geometry: the query and supports are resized up to a multiple of
+the patch size, as the official VTP path prepares the query, and the maps are stored on that
+patch grid with the image size recorded (see ``docs/cache-format.md``).
+
+Example:
+    >>> stats = run_precompute(clip, dataset, episodes, writer, class_names=names)  # doctest: +SKIP
+    >>> stats.query_passes  # doctest: +SKIP
+    364
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from clipprior import __version__
+from clipprior.config import PriorConfig
+from clipprior.errors import InvalidInputError
+from clipprior.model import ClipBundle
+from clipprior.preprocess import normalize, resize_to_patch_multiple
+from clipprior.priors import (
+    TextFeatures,
+    _prepare_support,
+    _vtp_pass,
+    encode_text,
+    layer_features,
+    pir,
+    support_features,
+    vvp_from_features,
+)
+
+__all__ = [
+    "PrecomputeStats",
+    "QueryWork",
+    "WorkPlan",
+    "build_provenance",
+    "episode_records",
+    "plan_work",
+    "run_precompute",
+]
+
+ProgressFn = Callable[[str, int], None]
+
+
+class _Dataset(Protocol):
+    """What the engine needs of a dataset (see :class:`clipprior.data.FSSDataset`)."""
+
+    def load_image(self, path: str) -> np.ndarray: ...
+
+    def load_label(self, path: str) -> np.ndarray: ...
+
+
+class _Writer(Protocol):
+    """What the engine needs of a cache writer (see :class:`clipprior.cache.CacheWriter`)."""
+
+    def has_vtp(self, image_key: str, class_id: int) -> bool: ...
+
+    def has_vvp(self, episode_index: int) -> bool: ...
+
+    def has_image(self, image_key: str) -> bool: ...
+
+    def add_image(self, image_key: str, height: int, width: int) -> None: ...
+
+    def add_vtp(self, image_key: str, class_id: int, cam: Any, refined: Any) -> None: ...
+
+    def add_vvp(self, episode_index: int, vvp: Any) -> None: ...
+
+    def commit(self) -> int: ...
+
+
+@dataclass
+class QueryWork:
+    """What one unique query image needs.
+
+    Attributes:
+        image: Image id.
+        label: Label id.
+        classes: Classes whose VTP is needed.
+        episodes: Indices of the episodes whose query this is.
+    """
+
+    image: str
+    label: str
+    classes: set[int] = field(default_factory=set)
+    episodes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkPlan:
+    """The unique passes behind a list of episodes (optionally one shard of them).
+
+    Attributes:
+        queries: Unique query images, in first-appearance order.
+        support_uses: How many episodes of this plan use each (support image, label, class).
+    """
+
+    queries: list[QueryWork]
+    support_uses: dict[tuple[str, str, int], int]
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of (image, class) VTP pairs."""
+        return sum(len(q.classes) for q in self.queries)
+
+
+@dataclass
+class PrecomputeStats:
+    """What a run did (passes are counted per image, not per batch).
+
+    Attributes:
+        query_passes: Query images run through CLIP.
+        support_passes: Masked support passes run.
+        vtp_written: VTP entries written.
+        vvp_written: VVP entries written.
+        skipped_vtp: VTP entries already in the cache (resume).
+        skipped_vvp: VVP entries already in the cache (resume).
+    """
+
+    query_passes: int = 0
+    support_passes: int = 0
+    vtp_written: int = 0
+    vvp_written: int = 0
+    skipped_vtp: int = 0
+    skipped_vvp: int = 0
+
+
+def episode_records(episodes: Sequence[Any]) -> list[tuple[int, str, str, int, list[str], list[str]]]:
+    """Episodes as rows of the cache's episode table: (index, query, query_label, class, supports, labels)."""
+    return [
+        (i, e.query_image, e.query_label, int(e.class_id), [s[0] for s in e.supports], [s[1] for s in e.supports])
+        for i, e in enumerate(episodes)
+    ]
+
+
+def plan_work(episodes: Sequence[Any], shard: tuple[int, int] | None = None) -> WorkPlan:
+    """Group episodes by unique query image; with ``shard=(i, n)`` keep every n-th query image from i.
+
+    Args:
+        episodes: Objects with ``query_image``, ``query_label``, ``class_id`` and ``supports``.
+        shard: ``(index, count)``; the queries are dealt round-robin in first-appearance order, so
+            the shards are disjoint, cover everything and have balanced sizes.
+
+    Returns:
+        The :class:`WorkPlan`.
+
+    Raises:
+        InvalidInputError: for an invalid shard.
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> plan = plan_work([E(query_image="a", query_label="a.png", class_id=1, supports=())] * 2)
+        >>> len(plan.queries), plan.queries[0].episodes
+        (1, [0, 1])
+    """
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise InvalidInputError(f"shard {index}/{count} is not valid; use i/n with 0 <= i < n")
+    by_image: dict[str, QueryWork] = {}
+    for i, episode in enumerate(episodes):
+        work = by_image.setdefault(episode.query_image, QueryWork(episode.query_image, episode.query_label))
+        work.classes.add(int(episode.class_id))
+        work.episodes.append(i)
+    queries = list(by_image.values())
+    if shard is not None:
+        queries = queries[shard[0]::shard[1]]
+    uses: dict[tuple[str, str, int], int] = defaultdict(int)
+    for work in queries:
+        for i in work.episodes:
+            episode = episodes[i]
+            for image, label in episode.supports:
+                uses[(image, label, int(episode.class_id))] += 1
+    return WorkPlan(queries=queries, support_uses=dict(uses))
+
+
+def build_provenance(
+    clip: ClipBundle, config: PriorConfig, *, dataset: str, fold: int, split: str, shot: int, seed: int,
+    n_episodes: int, list_checksum: str, class_names: Sequence[str], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings a cache depends on, stored in its attributes and compared on resume.
+
+    Example:
+        >>> prov = build_provenance(clip, PriorConfig(), dataset="pascal5i", fold=0, split="val",
+        ...                         shot=1, seed=0, n_episodes=1000, list_checksum="...",
+        ...                         class_names=names)  # doctest: +SKIP
+    """
+    names_digest = hashlib.sha256("\n".join(class_names).encode()).hexdigest()
+    prov: dict[str, Any] = {
+        "clipprior_version": __version__,
+        "model": clip.source,
+        "weights_sha256": clip.checksum,
+        "config": config.to_json(),
+        "text_classes": config.text_classes,
+        "dataset": dataset,
+        "fold": int(fold),
+        "split": split,
+        "shot": int(shot),
+        "seed": int(seed),
+        "episodes": int(n_episodes),
+        "list_sha256": list_checksum,
+        "prompt_names_sha256": names_digest,
+        "geometry": "native: image resized up to a multiple of the patch size; maps on its patch grid",
+    }
+    prov.update(extra or {})
+    return prov
+
+
+class _SupportStore:
+    """Support features kept while episodes still need them (reference counted)."""
+
+    def __init__(self, uses: dict[tuple[str, str, int], int]) -> None:
+        self.remaining = dict(uses)
+        self.features: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def take(self, key: tuple[str, str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        value = self.features[key]
+        self.remaining[key] -= 1
+        if self.remaining[key] <= 0:
+            del self.features[key]
+        return value
+
+
+def _batches(items: Sequence[Any], size_of: Callable[[Any], tuple[int, int]], batch_size: int) -> Iterable[list[Any]]:
+    """Consecutive groups of at most ``batch_size`` items of equal size, in a stable order."""
+    groups: dict[tuple[int, int], list[Any]] = defaultdict(list)
+    for item in items:
+        groups[size_of(item)].append(item)
+    for size in sorted(groups):
+        group = groups[size]
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
+def _present_names(label: np.ndarray, target: int, class_names: Sequence[str]) -> list[str]:
+    values = np.unique(label)
+    return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
+
+
+def run_precompute(
+    clip: ClipBundle,
+    dataset: _Dataset,
+    episodes: Sequence[Any],
+    writer: _Writer,
+    *,
+    class_names: Sequence[str],
+    config: PriorConfig | None = None,
+    batch_size: int = 8,
+    shard: tuple[int, int] | None = None,
+    chunk_images: int = 64,
+    progress: ProgressFn | None = None,
+    text: TextFeatures | None = None,
+) -> PrecomputeStats:
+    """Compute and write every VTP (raw and refined) and VVP the episodes need.
+
+    Query images are processed in chunks of ``chunk_images``; within a chunk, images of equal
+    (resized) size run in batches of ``batch_size``, and the supports of the chunk's episodes run
+    in batches too. Entries already in the cache are skipped, so a rerun resumes.
+
+    Args:
+        clip: The loaded CLIP.
+        dataset: Loads images and labels by id.
+        episodes: The episodes (see :func:`clipprior.data.sample_episodes`).
+        writer: Where the priors go (a :class:`clipprior.cache.CacheWriter`).
+        class_names: Prompt name of class id c at index c - 1.
+        config: Knobs; defaults to :class:`PriorConfig`.
+        batch_size: Images per CLIP batch.
+        shard: ``(index, count)`` to compute one shard of the query images.
+        chunk_images: Query images per chunk (bounds memory).
+        progress: Called as ``progress(kind, n)`` with kind ``"query"``, ``"support"`` or ``"episode"``.
+        text: Precomputed text features of ``class_names`` (encoded here when ``None``).
+
+    Returns:
+        :class:`PrecomputeStats`.
+
+    Raises:
+        InvalidInputError: for a batch size below 1 or a class id without a name.
+        DatasetError: from the data layer, for broken images or masks.
+    """
+    config = config or PriorConfig()
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size={batch_size} must be >= 1")
+    class_names = list(class_names)
+    for episode in episodes:
+        if not 1 <= int(episode.class_id) <= len(class_names):
+            raise InvalidInputError(f"episode class {episode.class_id} has no prompt name (have {len(class_names)})")
+    text = text or encode_text(clip, class_names, config)
+    plan = plan_work(episodes, shard)
+    todo = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
+    store = _SupportStore(plan_work(todo).support_uses)
+    stats = PrecomputeStats()
+    report = progress or (lambda kind, n: None)
+    for start in range(0, len(plan.queries), chunk_images):
+        chunk = plan.queries[start:start + chunk_images]
+        todo_eps = [i for q in chunk for i in q.episodes if not writer.has_vvp(i)]
+        needs_vtp = [q for q in chunk if any(not writer.has_vtp(q.image, c) for c in q.classes)]
+        needs_features = {episodes[i].query_image for i in todo_eps}
+        queries = [q for q in chunk if q in needs_vtp or q.image in needs_features]
+        query_features = _run_queries(clip, dataset, queries, needs_features, writer, text, class_names, config,
+                                      batch_size, stats, report)
+        _run_supports(clip, dataset, [episodes[i] for i in todo_eps], store, config, batch_size, stats, report)
+        for i in todo_eps:
+            episode = episodes[i]
+            qf = query_features[episode.query_image]
+            maps = []
+            for image, label in episode.supports:
+                sf, sm = store.take((image, label, int(episode.class_id)))
+                maps.append(vvp_from_features(qf[0][None], sf[None, None], sm[None, None], qf[1],
+                                              eps=config.vvp_eps, normalize_maps=config.vvp_normalize))
+            stacked = torch.cat(maps, dim=1)  # (1, K*L, h, w), shot-major
+            layers, shots = len(config.vvp_layers), len(episode.supports)
+            stacked = stacked.reshape(shots, layers, *qf[1]).transpose(0, 1).reshape(layers * shots, *qf[1])
+            writer.add_vvp(i, stacked.numpy().astype(np.float32))
+            stats.vvp_written += 1
+            report("episode", 1)
+        skipped = len([i for q in chunk for i in q.episodes]) - len(todo_eps)
+        if skipped:
+            stats.skipped_vvp += skipped
+            report("episode", skipped)
+        writer.commit()
+    return stats
+
+
+def _run_queries(
+    clip: ClipBundle, dataset: _Dataset, queries: list[QueryWork], needs_features: set[str], writer: _Writer,
+    text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
+    report: ProgressFn,
+) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
+    """Run the query passes; write VTP; return the VVP features of the images that need them."""
+    patch = clip.patch_size
+    reuse = config.vvp_pixel_norm == "clip"
+    prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for work in queries:
+        rgb = dataset.load_image(work.image)
+        label = dataset.load_label(work.label)
+        prepared[work.image] = (rgb, label, resize_to_patch_multiple(rgb, patch, config.vtp_resample))
+    features: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+    for batch in _batches(queries, lambda q: prepared[q.image][2].shape[:2], batch_size):
+        pixels = torch.stack([normalize(prepared[q.image][2], "clip") for q in batch]).to(clip.device, clip.dtype)
+        pairs = [(b, c) for b, q in enumerate(batch) for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
+        want_feats = reuse and any(q.image in needs_features for q in batch)
+        if not pairs:  # VTP cached already: only VVP features are needed.
+            pairs = [(b, next(iter(sorted(q.classes)))) for b, q in enumerate(batch)]
+            write_vtp = False
+        else:
+            write_vtp = True
+        sets = []
+        for b, c in pairs:
+            names = [class_names[c - 1]]
+            if config.text_classes == "present":
+                names += [n for n in _present_names(prepared[batch[b].image][1], c, class_names) if n not in names]
+            sets.append(names)
+        index = torch.tensor([b for b, _ in pairs], dtype=torch.long)
+        out = _vtp_pass(clip, pixels, index, sets, text, config, write_vtp, want_feats)
+        stats.query_passes += len(batch)
+        if write_vtp:
+            refined = pir(out.cam, out.attention, config=config).refined
+            for p, (b, c) in enumerate(pairs):
+                work = batch[b]
+                height, width = prepared[work.image][0].shape[:2]
+                if not writer.has_image(work.image):
+                    writer.add_image(work.image, height, width)
+                writer.add_vtp(work.image, c, out.cam[p].cpu().numpy(), refined[p].cpu().numpy())
+                stats.vtp_written += 1
+        grid = tuple(out.cam.shape[-2:])
+        for b, work in enumerate(batch):
+            if work.image not in needs_features:
+                continue
+            if not writer.has_image(work.image):
+                height, width = prepared[work.image][0].shape[:2]
+                writer.add_image(work.image, height, width)
+            if out.features is not None:
+                feats = out.features[b]
+            else:
+                qpix = normalize(prepared[work.image][2], config.vvp_pixel_norm)[None]
+                feats = layer_features(clip, qpix, config.vvp_layers, config)[0]
+            features[work.image] = (feats.float().cpu(), grid)
+        report("query", len(batch))
+    return features
+
+
+def _run_supports(
+    clip: ClipBundle, dataset: _Dataset, episodes: Sequence[Any], store: _SupportStore, config: PriorConfig,
+    batch_size: int, stats: PrecomputeStats, report: ProgressFn,
+) -> None:
+    """Run the masked support passes the episodes need and are not in the store yet."""
+    keys = []
+    for episode in episodes:
+        for image, label in episode.supports:
+            key = (image, label, int(episode.class_id))
+            if key not in store.features and key not in keys:
+                keys.append(key)
+    prepared = {}
+    for key in keys:
+        image, label, class_id = key
+        rgb = dataset.load_image(image)
+        raw = dataset.load_label(label)
+        fss = np.where(raw == class_id, 1, np.where(raw == 255, 255, 0)).astype(np.uint8)
+        prepared[key] = _prepare_support(rgb, fss, clip.patch_size, config)
+    for batch in _batches(keys, lambda k: tuple(prepared[k][0].shape[-2:]), batch_size):
+        pixels = torch.stack([prepared[k][0] for k in batch])
+        labels = torch.stack([prepared[k][1] for k in batch])
+        feats, masks = support_features(clip, pixels, labels, config)
+        for j, key in enumerate(batch):
+            store.features[key] = (feats[j].float().cpu(), masks[j].cpu())
+        stats.support_passes += len(batch)
+        report("support", len(batch))

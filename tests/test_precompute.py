@@ -1,0 +1,221 @@
+"""The precompute engine and command: dedup, equality with direct calls, resume, shards, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from clipprior.cli.main import app
+
+from clipprior import PriorConfig, compute_priors, load_clip
+from clipprior.cache import CacheWriter, PriorCache
+from clipprior.data import open_dataset, prompt_names, sample_episodes
+from clipprior.data.synthetic import write_synthetic_pascal
+from clipprior.precompute import build_provenance, episode_records, plan_work, run_precompute
+
+FP16_TOL = 2e-3  # maps are stored as float16 in [0, 1]: half a unit in the last place is 2.4e-4 at 1.0
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir):
+    return load_clip(tiny_clip_dir, device="cpu")
+
+
+def _run_cli(args: list[str]) -> object:
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    return result
+
+
+def _base_args(data_root: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(data_root), "--model",
+            str(model), "--device", "cpu", "--episodes", "12", "--seed", "5", "--out", str(out), *extra]
+
+
+def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = obj[()]
+
+    with h5py.File(path, "r") as handle:
+        handle.visititems(visit)
+    return out
+
+
+def _assert_same_arrays(a: Path, b: Path) -> None:
+    left, right = _h5_arrays(a), _h5_arrays(b)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
+
+
+def test_plan_deduplicates_queries_and_supports(data_root):
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    episodes = sample_episodes(dataset, 30, shot=2, seed=1)
+    plan = plan_work(episodes)
+    assert len(plan.queries) == len({e.query_image for e in episodes})
+    assert sum(len(q.episodes) for q in plan.queries) == 30
+    keys = {(s[0], s[1], e.class_id) for e in episodes for s in e.supports}
+    assert set(plan.support_uses) == keys
+    assert sum(plan.support_uses.values()) == 60
+    shards = [plan_work(episodes, (i, 3)) for i in range(3)]
+    images = [q.image for p in shards for q in p.queries]
+    assert sorted(images) == sorted(q.image for q in plan.queries)
+
+
+def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, data_root, clip):
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    episodes = sample_episodes(dataset, 10, shot=2, seed=3)
+    names = prompt_names("pascal5i")
+    config = PriorConfig()
+    prov = build_provenance(clip, config, dataset="pascal5i", fold=0, split="val", shot=2, seed=3,
+                            n_episodes=len(episodes), list_checksum=dataset.list_checksum, class_names=names)
+    out = tmp_path / "p.h5"
+    with CacheWriter(out, prov) as writer:
+        writer.set_episodes(episode_records(episodes))
+        stats = run_precompute(clip, dataset, episodes, writer, class_names=names, config=config, batch_size=3)
+        writer.finalize()
+    plan = plan_work(episodes)
+    assert stats.query_passes == len(plan.queries)
+    assert stats.support_passes == len(plan.support_uses)
+    assert stats.vtp_written == plan.n_pairs
+    assert stats.vvp_written == len(episodes)
+
+    cache = PriorCache(out)
+    for i, episode in enumerate(episodes):
+        query = dataset.load_image(episode.query_image)
+        supports, masks = [], []
+        for image, label in episode.supports:
+            supports.append(dataset.load_image(image))
+            raw = dataset.load_label(label)
+            masks.append(np.where(raw == episode.class_id, 1, np.where(raw == 255, 255, 0)))
+        direct = compute_priors(clip, query, names[episode.class_id - 1], supports, masks, config=config)
+        cam = cache.vtp(episode.query_image, episode.class_id, refined=False)
+        refined = cache.vtp(episode.query_image, episode.class_id, refined=True)
+        np.testing.assert_allclose(cam.numpy(), direct.cam.numpy(), atol=FP16_TOL)
+        np.testing.assert_allclose(refined.numpy(), direct.refined.numpy(), atol=FP16_TOL)
+        np.testing.assert_allclose(cache.vvp(i).numpy(), direct.vvp.numpy(), atol=FP16_TOL)
+        assert cache.image_size(episode.query_image) == tuple(query.shape[:2])
+
+
+def test_present_mode_changes_vtp_and_is_recorded(tmp_path, data_root, tiny_clip_dir):
+    a, b = tmp_path / "target.h5", tmp_path / "present.h5"
+    assert _run_cli(_base_args(data_root, tiny_clip_dir, a)).exit_code == 0
+    assert _run_cli(_base_args(data_root, tiny_clip_dir, b, "--text-classes", "present")).exit_code == 0
+    ca, cb = PriorCache(a), PriorCache(b)
+    assert ca.provenance["text_classes"] == "target" and cb.provenance["text_classes"] == "present"
+    assert cb.config.text_classes == "present"
+    # Synthetic images showing two classes get a different softmax class set.
+    diffs = [float((ca.vtp(k, c, refined=False) - cb.vtp(k, c, refined=False)).abs().max()) for k, c in ca.vtp_keys()]
+    assert max(diffs) > 1e-3
+
+
+def test_cli_resumes_and_refuses_other_settings(tmp_path, data_root, tiny_clip_dir):
+    out = tmp_path / "p.h5"
+    first = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    assert first.exit_code == 0, first.output
+    again = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    assert again.exit_code == 0
+    assert "0 VTP and 0 VVP written" in " ".join(again.output.split())
+    other = CliRunner().invoke(app, _base_args(data_root, tiny_clip_dir, out, "--shot", "2"))
+    assert other.exit_code == 1
+    assert "shot" in other.output and "cached=1" in other.output.replace(" ", "")
+    fold = CliRunner().invoke(app, [*_base_args(data_root, tiny_clip_dir, out)[:4], "1",
+                                    *_base_args(data_root, tiny_clip_dir, out)[5:]])
+    assert fold.exit_code == 1 and "fold" in fold.output
+
+
+def test_shards_merge_to_the_single_run(tmp_path, data_root, tiny_clip_dir):
+    single = tmp_path / "single.h5"
+    assert _run_cli(_base_args(data_root, tiny_clip_dir, single)).exit_code == 0
+    sharded = tmp_path / "sharded.h5"
+    for i in range(3):
+        res = _run_cli(_base_args(data_root, tiny_clip_dir, sharded, "--shard", f"{i}/3"))
+        assert res.exit_code == 0, res.output
+    shards = sorted(tmp_path.glob("sharded.shard-*"))
+    assert len(shards) == 3
+    merged = tmp_path / "merged.h5"
+    res = _run_cli(["merge", str(merged), *map(str, shards)])
+    assert res.exit_code == 0, res.output
+    _assert_same_arrays(single, merged)
+
+
+def test_torchrun_environment_selects_the_shard(tmp_path, data_root, tiny_clip_dir, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "p.h5"
+    res = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in tmp_path.glob("p.shard-*")] and not out.exists()
+
+
+def test_model_that_fails_to_load_leaves_no_cache(tmp_path, data_root):
+    out = tmp_path / "p.h5"
+    res = CliRunner().invoke(app, _base_args(data_root, tmp_path / "no-such-weights.pt", out))
+    assert res.exit_code == 1
+    assert "not found" in res.output and "Traceback" not in res.output
+    assert not out.exists() and not list(tmp_path.glob("p.h5*"))
+
+
+def test_bad_shard_and_missing_root(tmp_path, data_root, tiny_clip_dir):
+    res = CliRunner().invoke(app, _base_args(data_root, tiny_clip_dir, tmp_path / "p.h5", "--shard", "3/2"))
+    assert res.exit_code == 1 and "--shard" in res.output
+    res = CliRunner().invoke(app, _base_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "p.h5"))
+    assert res.exit_code != 0 and "nowhere" in res.output
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, data_root, tiny_clip_dir):
+    reference = tmp_path / "reference.h5"
+    args = _base_args(data_root, tiny_clip_dir, reference, "--episodes", "24", "--chunk-images", "2",
+                      "--batch-size", "1")
+    assert _run_cli(args).exit_code == 0
+
+    out = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "clipprior.cli.main",
+           *_base_args(data_root, tiny_clip_dir, out, "--episodes", "24", "--chunk-images", "2", "--batch-size", "1")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if len(list(parts.glob("seg-*.h5"))) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("precompute finished before it could be killed; make the run longer")
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail("no segment appeared in time")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the final file must not exist before the run ends"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "episodes already cached" in " ".join(resumed.stdout.split())
+    _assert_same_arrays(reference, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_run(tmp_path, data_root, tiny_clip_dir, dtype):
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    out = tmp_path / f"{name}.h5"
+    res = _run_cli(_base_args(data_root, tiny_clip_dir, out, "--dtype", name, "--episodes", "4"))
+    assert res.exit_code == 0, res.output
+    cache = PriorCache(out)
+    for key, cls in cache.vtp_keys():
+        assert torch.isfinite(cache.vtp(key, cls)).all()
