@@ -96,7 +96,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
                list_root: Path | None, episode_file: Path | None, coco_split: str, on_error: str, shard: str | None,
                chunk_images: int, out: Path | None, debug: bool) -> None:
-    """Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
+    r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
     cache is written in atomic segments, so rerunning the same command after a crash resumes.
