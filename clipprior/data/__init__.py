@@ -29,6 +29,7 @@ from clipprior.data.classes import (
     num_classes,
     prompt_names,
 )
+from clipprior.data.coco import CocoMaskStats, OptionalDependencyError, coco_to_masks
 from clipprior.data.dataset import FSSDataset, open_dataset
 from clipprior.data.episodes import (
     TRAINER_EPISODES,
@@ -58,14 +59,17 @@ __all__ = [
     "PASCAL_CLASSES",
     "PASCAL_PROMPT_NAMES",
     "TRAINER_EPISODES",
+    "CocoMaskStats",
     "DataReport",
     "Episode",
     "EpisodeMeta",
     "FSSDataset",
     "FssLists",
+    "OptionalDependencyError",
     "Problem",
     "build_fss_lists",
     "class_names",
+    "coco_to_masks",
     "counted_classes",
     "dataset_name",
     "default_episodes",
