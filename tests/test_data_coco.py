@@ -15,7 +15,6 @@ from clipprior.data import COCO_CLASSES, OptionalDependencyError, coco_to_masks,
 from clipprior.data.coco import coco_category_map
 from clipprior.errors import DataNotFoundError, DatasetError, InvalidInputError
 
-
 # The 80 COCO category ids: 1..90 without the ten that were never annotated.
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
 H, W = 60, 80
