@@ -436,12 +436,14 @@ def _vtp_pass(
         cam = torch.relu((activation * weights).sum(dim=-1)).reshape(-1, *grid)
         cam = minmax_normalize(cam, config.cam_eps, config.cam_norm_passes)
         attention = recorder.mean_attention()[:, 1:, 1:] if want_attention else None
-        features = None
-        if want_features:
-            last = n_layers - 1
-            if last in feature_ids:
+    features = None
+    if want_features:
+        # Outside the attention recorder: images without pairs re-run the last layer on another batch.
+        last = n_layers - 1
+        if last in feature_ids:
+            with torch.inference_mode(False):
                 kept[last] = _last_layer_per_image(blocks[-1], hidden, out.detach(), index_dev)[:, 1:]
-            features = torch.stack([kept[i] for i in feature_ids], dim=1)
+        features = torch.stack([kept[i] for i in feature_ids], dim=1)
     return VTPResult(cam=cam, image_index=index, scores=scores.detach(), attention=attention, features=features)
 
 
