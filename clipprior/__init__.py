@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from clipprior.cache import CacheWriter, EpisodeRecord, PriorCache, letterbox_prior, merge_caches, resize_prior
 from clipprior.config import PRESETS, PriorConfig, get_preset, list_presets
+from clipprior.data import (
+    COCO_CLASSES,
+    PASCAL_CLASSES,
+    Episode,
+    EpisodeMeta,
+    FSSDataset,
+    fold_classes,
+    open_dataset,
+    prompt_names,
+    read_episodes,
+    sample_episodes,
+    write_episodes,
+)
 from clipprior.errors import (
     CacheError,
     CacheKeyError,
@@ -92,4 +105,18 @@ __all__ += [
     "letterbox_prior",
     "merge_caches",
     "resize_prior",
+]
+
+__all__ += [
+    "COCO_CLASSES",
+    "PASCAL_CLASSES",
+    "Episode",
+    "EpisodeMeta",
+    "FSSDataset",
+    "fold_classes",
+    "open_dataset",
+    "prompt_names",
+    "read_episodes",
+    "sample_episodes",
+    "write_episodes",
 ]
