@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from clipprior.cache import CacheWriter, EpisodeRecord
+from clipprior.cache import CacheWriter, EpisodeRecord, shard_from_environment
 
 PATCH = 16
 CLASSES = (1, 2, 3)
@@ -166,9 +166,12 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--finalize-delay", type=float, default=0.0, help="sleep per block while finalizing")
     parser.add_argument("--commit-every", type=int, default=4)
-    parser.add_argument("--shard", default=None)
+    parser.add_argument("--shard", default=None, help="i/n, or env for RANK/WORLD_SIZE (torchrun)")
     args = parser.parse_args(argv)
-    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
+    if args.shard == "env":  # one shard per rank under torchrun
+        shard = shard_from_environment()
+    else:
+        shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
 
     def slow_progress(done: int, total: int) -> None:
         print(f"finalizing {done}/{total}", flush=True)
