@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import doctest
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from clipprior.viz import (
     resize_map,
     write_html_index,
 )
+from tests._browser import check_page_in_chromium
 
 PHOTO_DIR = Path(photos_module.__file__).parent / "assets" / "photos"
 
@@ -200,26 +198,6 @@ def test_flip_crop_transforms_image_and_mask_alike() -> None:
 # -------------------------------------------------------------------------------------------- HTML
 
 
-def _chromium() -> str | None:
-    return os.environ.get("CLIPPRIOR_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
-    )
-
-
-_CHECK_SCRIPT = """<script>
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images);
-  imgs.forEach((img) => { img.loading = 'eager'; });
-  Promise.all(imgs.map((img) => img.complete && img.naturalWidth > 0 ? null
-      : new Promise((done) => { img.addEventListener('load', done); img.addEventListener('error', done); })))
-    .then(() => {
-      const ok = imgs.filter((img) => img.naturalWidth > 0).length;
-      document.body.setAttribute('data-images', ok + '/' + imgs.length);
-    });
-});
-</script>"""
-
-
 def _write_index(tmp_path: Path, n: int = 3) -> Path:
     site = tmp_path / "site"
     (site / "episodes").mkdir(parents=True)
@@ -253,38 +231,10 @@ def test_html_index_escapes_text(tmp_path: Path) -> None:
 
 
 def test_html_index_opens_in_headless_chromium_and_shows_its_images(tmp_path: Path) -> None:
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CLIPPRIOR_SKIP_BROWSER_TEST") == "1":
-            pytest.skip("CLIPPRIOR_SKIP_BROWSER_TEST=1: browser check explicitly opted out")
-        pytest.fail("headless Chromium is needed for this test: `apt-get install -y chromium` (Debian), set "
-                    "CLIPPRIOR_CHROMIUM to a Chrome binary, or opt out with CLIPPRIOR_SKIP_BROWSER_TEST=1")
     page = _write_index(tmp_path)
-    check = page.with_name("check.html")
-    check.write_text(page.read_text().replace("</body>", _CHECK_SCRIPT + "</body>"))
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,900", "--virtual-time-budget=15000",
-    ]
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-        profile.mkdir()
-        return subprocess.run([browser, *flags, f"--user-data-dir={profile}", *args], capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    dom = run("--dump-dom", check.resolve().as_uri())
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images="3/3"' in dom.stdout, dom.stdout[-2000:]
-    shot = tmp_path / "screenshot.png"
-    result = run(f"--screenshot={shot}", page.resolve().as_uri())
-    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
-    with Image.open(shot) as img:
-        pixels = np.asarray(img.convert("RGB"))
-    assert pixels.shape[:2] == (900, 1280)
+    loaded, shot = check_page_in_chromium(page, tmp_path / "browser")
+    assert loaded == (3, 3)
+    assert shot.shape[:2] == (900, 1280)
     # the panels' jet heat maps put saturated colours on the page: a blank or broken page has none
-    saturated = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 120
+    saturated = (shot.max(axis=2).astype(int) - shot.min(axis=2)) > 120
     assert saturated.mean() > 0.01
-    if os.environ.get("CLIPPRIOR_KEEP_SCREENSHOT"):
-        shutil.copy(shot, os.environ["CLIPPRIOR_KEEP_SCREENSHOT"])

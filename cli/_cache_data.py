@@ -1,0 +1,211 @@
+"""What ``show`` and ``evaluate`` share: a cache's facts, its data root, ground truth and priors per episode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipprior.cache import EpisodeRecord, PriorCache
+from clipprior.data import class_names, dataset_name, fold_classes, load_label, load_rgb
+from clipprior.errors import DataNotFoundError, InvalidInputError
+from clipprior.evaluate import vvp_map
+from clipprior.viz import resize_map
+
+__all__ = ["CacheFacts", "EpisodeData", "cache_facts", "load_episode", "parse_episode_spec", "resolve_data_root"]
+
+#: Display names of the three priors, in table order.
+PRIOR_TITLES: dict[str, str] = {"vtp_raw": "VTP raw", "vtp_refined": "VTP refined", "vvp": "VVP"}
+
+
+@dataclass(frozen=True)
+class CacheFacts:
+    """What a cache's provenance says about its episodes (``None`` where it says nothing).
+
+    Attributes:
+        path: The cache file.
+        dataset: Canonical benchmark name (``"pascal5i"``, ``"coco20i"``) or ``None``.
+        fold: Fold number.
+        split: ``"val"`` or ``"train"``.
+        model: The CLIP the priors came from.
+        data_root: Data root recorded in the provenance, if any.
+        coco_split: COCO fold layout.
+    """
+
+    path: Path
+    dataset: str | None
+    fold: int | None
+    split: str | None
+    model: str | None
+    data_root: str | None
+    coco_split: str
+
+    def class_name(self, class_id: int) -> str:
+        """Readable name of a class id (``"class 7"`` when the dataset is unknown)."""
+        if self.dataset is not None:
+            names = class_names(self.dataset)
+            if 1 <= class_id <= len(names):
+                return names[class_id - 1]
+        return f"class {class_id}"
+
+    def fold_classes(self) -> list[int] | None:
+        """The fold's classes for the split, or ``None`` when the cache does not say."""
+        if self.dataset is None or self.fold is None:
+            return None
+        return fold_classes(self.dataset, self.fold, self.split or "val", self.coco_split)
+
+    def label(self) -> str:
+        """Short description, e.g. ``"pascal5i fold 0 (val)"``."""
+        if self.dataset is None:
+            return self.path.name
+        fold = f" fold {self.fold}" if self.fold is not None else ""
+        return f"{self.dataset}{fold} ({self.split or 'val'})"
+
+
+def cache_facts(cache: PriorCache) -> CacheFacts:
+    """Read dataset, fold, split, model and data root from a cache's provenance.
+
+    Raises:
+        InvalidInputError: if the provenance names a dataset clipprior does not know.
+    """
+    prov: dict[str, Any] = cache.provenance
+    dataset = prov.get("dataset")
+    fold = prov.get("fold")
+    return CacheFacts(
+        path=cache.path,
+        dataset=dataset_name(dataset) if dataset else None,
+        fold=int(fold) if fold is not None else None,
+        split=prov.get("split"),
+        model=prov.get("model"),
+        data_root=prov.get("data_root"),
+        coco_split=prov.get("coco_split", "interleaved"),
+    )
+
+
+def resolve_data_root(option: Path | None, facts: CacheFacts) -> Path:
+    """The data root: ``--data-root``, else the one the cache records.
+
+    Raises:
+        DataNotFoundError: if neither exists.
+    """
+    if option is not None:
+        root = Path(option).expanduser()
+    elif facts.data_root:
+        root = Path(facts.data_root).expanduser()
+    else:
+        raise DataNotFoundError(
+            f"{facts.path} does not record where its images are; pass --data-root (the VOC2012 / MSCOCO2014 "
+            "folder the cache was computed from)"
+        )
+    if not root.is_dir():
+        raise DataNotFoundError(f"data root {root} is not a directory; pass --data-root with the dataset folder")
+    return root
+
+
+def parse_episode_spec(spec: str, available: list[int]) -> list[int]:
+    """Episode indices from ``"0,5,10-20"``, ``"all"`` or ``":8"`` (the first eight).
+
+    Args:
+        spec: Comma-separated indices and inclusive ranges, ``all``, or ``:N``.
+        available: Indices present in the cache, ascending.
+
+    Returns:
+        The selected indices, in the order given, without duplicates.
+
+    Raises:
+        InvalidInputError: on a malformed spec or indices the cache does not have.
+
+    Example:
+        >>> parse_episode_spec("3,0-1,3", [0, 1, 2, 3])
+        [3, 0, 1]
+    """
+    text = spec.strip().lower()
+    if text == "all":
+        return list(available)
+    if text.startswith(":"):
+        try:
+            return list(available[: int(text[1:])])
+        except ValueError:
+            raise InvalidInputError(f"--episodes {spec!r}: ':N' needs an integer N") from None
+    chosen: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                chosen.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                chosen.append(int(part))
+        except ValueError:
+            raise InvalidInputError(
+                f"--episodes {spec!r}: use indices and ranges such as '0,5,10-20', ':8' or 'all'"
+            ) from None
+    have = set(available)
+    missing = [i for i in chosen if i not in have]
+    if missing:
+        span = f"{available[0]}..{available[-1]}" if available else "none"
+        raise InvalidInputError(f"episode(s) {missing[:10]} are not in the cache (it has {len(available)}: {span})")
+    return list(dict.fromkeys(chosen))
+
+
+@dataclass
+class EpisodeData:
+    """One cached episode with its pictures and ground truth, ready to draw or score.
+
+    Attributes:
+        record: The cache's episode record.
+        query: (H, W, 3) query image, or ``None`` when not loaded.
+        label: (H, W) query label map.
+        supports: Support images.
+        support_labels: Support label maps.
+        priors: ``vtp_raw`` / ``vtp_refined`` / ``vvp`` -> (H, W) map at the label's size (``vvp``:
+            ``None`` when not cached).
+    """
+
+    record: EpisodeRecord
+    query: np.ndarray | None
+    label: np.ndarray
+    supports: list[np.ndarray]
+    support_labels: list[np.ndarray]
+    priors: dict[str, np.ndarray | None]
+
+
+def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images: bool = True) -> EpisodeData:
+    """Ground truth (and pictures) from the data root, priors from the cache, all at the label's size.
+
+    VTP maps come at the image's original size from :meth:`PriorCache.vtp`; VVP is reduced to one
+    map with :func:`clipprior.evaluate.vvp_map` on its patch grid and then resized the same way.
+
+    Args:
+        cache: The cache.
+        record: One of its episodes.
+        root: The data root.
+        images: Also load the query and support images (``show`` needs them, ``evaluate`` does not).
+
+    Returns:
+        The :class:`EpisodeData`.
+
+    Raises:
+        DataNotFoundError: if a file is missing under ``root``.
+        InvalidInputError: if the cached image size differs from the label's (wrong data root).
+    """
+    label = load_label(root / record.query_label)
+    cached = cache.image_size(record.query)
+    if tuple(label.shape) != tuple(cached):
+        raise InvalidInputError(
+            f"label {root / record.query_label} is {label.shape[0]}x{label.shape[1]} but {cache.path} recorded "
+            f"{cached[0]}x{cached[1]} for {record.query}; is --data-root the folder the cache was computed from?"
+        )
+    priors: dict[str, np.ndarray | None] = {
+        "vtp_raw": cache.vtp(record.query, record.class_id, refined=False, size="original").numpy(),
+        "vtp_refined": cache.vtp(record.query, record.class_id, refined=True, size="original").numpy(),
+        "vvp": None,
+    }
+    if cache.has_vvp(record.index):
+        priors["vvp"] = resize_map(vvp_map(cache.vvp(record.index)), label.shape)
+    query = load_rgb(root / record.query) if images else None
+    supports = [load_rgb(root / key) for key in record.supports] if images else []
+    support_labels = [load_label(root / key) for key in record.support_labels] if images else []
+    return EpisodeData(record, query, label, supports, support_labels, priors)

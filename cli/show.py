@@ -1,0 +1,118 @@
+"""``clipprior show``: Fig. 4-style PNG panels of cached episodes, and an HTML index of them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+from clipprior.cli._cache_data import (
+    PRIOR_TITLES,
+    EpisodeData,
+    cache_facts,
+    load_episode,
+    parse_episode_spec,
+    resolve_data_root,
+)
+from clipprior.cli._common import console, debug_option, handle_errors
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from clipprior.cache import PriorCache
+from clipprior.evaluate import PRIOR_KINDS, PriorMeter, binary_iou
+from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, write_html_index
+
+__all__ = ["show"]
+
+_PANEL_ORDER = ("vvp", "vtp_raw", "vtp_refined")  # Fig. 4: VVP, then VTP raw and refined
+
+
+def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, threshold: float) -> Image.Image:
+    record = data.record
+    supports = [lab == record.class_id for lab in data.support_labels]
+    row = episode_row(
+        data.query, {PRIOR_TITLES[k]: data.priors[k] for k in _PANEL_ORDER}, query_mask=data.label,
+        class_id=record.class_id, supports=data.supports, support_masks=supports, class_name=facts_name,
+        cmap=cmap, threshold=threshold,
+    )
+    caption = f"query {record.query}; supports {', '.join(record.supports) or '-'}"
+    return compose_panel([row], title=f"episode {record.index}: {facts_name} (class {record.class_id})",
+                         caption=caption, tile_height=tile_height, cmap=cmap)
+
+
+@click.command("show")
+@click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--episodes", "episodes_spec", default=":8", show_default=True, metavar="SPEC",
+              help="Episodes to draw: indices and ranges ('0,5,10-20'), ':N' for the first N, or 'all'.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Dataset folder the cache was computed from (images and masks).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNG panels [default: clipprior-show, or HTML_DIR/episodes with --html].")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a browsable index page of the panels to this folder.")
+@click.option("--cmap", type=click.Choice(sorted(COLORMAPS)), default="jet", show_default=True,
+              help="Heat-map colormap.")
+@click.option("--tile-height", type=click.IntRange(64, 1024), default=224, show_default=True,
+              help="Height of each picture in a panel, in pixels.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Threshold of the IoUs written on the panels.")
+@debug_option
+@handle_errors
+def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: Path | None, html_dir: Path | None,
+         cmap: str, tile_height: int, threshold: float, debug: bool) -> None:
+    r"""Draw cached episodes: query with ground truth, supports with masks, VVP, VTP raw and refined.
+
+    One PNG per episode; each prior is a heat-map overlay with a colour bar and its IoU against the
+    query's ground truth. With --html, the PNGs go to HTML_DIR/episodes and HTML_DIR/index.html
+    lists them (filterable by class) with the mean scores of the episodes shown.
+
+    \b
+    Examples:
+      clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes 0,5,10-20
+      clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes :100 --html report/
+    """
+    cache = PriorCache(cache_path)
+    facts = cache_facts(cache)
+    root = resolve_data_root(data_root, facts)
+    records = {e.index: e for e in cache.episodes}
+    chosen = parse_episode_spec(episodes_spec, sorted(records))
+    if not chosen:
+        raise click.UsageError("no episode selected; the cache is empty or --episodes selects nothing")
+    if out_dir is None:
+        out_dir = html_dir / "episodes" if html_dir is not None else Path("clipprior-show")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meters = {k: PriorMeter(thresholds=(threshold,), fixed_threshold=threshold) for k in PRIOR_KINDS}
+    entries: list[HtmlEntry] = []
+    progress = Progress(TextColumn("[bold]show[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    with progress:
+        task = progress.add_task("episodes", total=len(chosen))
+        for index in chosen:
+            data = load_episode(cache, records[index], root)
+            name = facts.class_name(data.record.class_id)
+            path = out_dir / f"episode_{index:05d}.png"
+            _panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
+            details = {"query": data.record.query.rsplit("/", 1)[-1]}
+            for kind in _PANEL_ORDER:
+                prior = data.priors[kind]
+                if prior is None:
+                    continue
+                meters[kind].update(prior, data.label, data.record.class_id)
+                valid = data.label != 255
+                iou = binary_iou(prior, data.label == data.record.class_id, threshold, valid=valid)
+                details[PRIOR_TITLES[kind]] = f"{100 * iou:.1f}" if math.isfinite(iou) else "n/a"
+            entries.append(HtmlEntry(path.resolve(), f"episode {index}: {name}", name, details))
+            progress.advance(task)
+    console.print(f"Wrote {len(chosen)} panel(s) to [bold]{out_dir}[/]")
+    if html_dir is not None:
+        summary = [["prior", f"mIoU@{threshold:g} (%)", f"FB-IoU@{threshold:g} (%)", "mAP (%)", "episodes"]]
+        for kind in _PANEL_ORDER:
+            if len(meters[kind]):
+                s = meters[kind].result()
+                summary.append([PRIOR_TITLES[kind], f"{100 * s.miou_fixed:.1f}", f"{100 * s.fbiou_fixed:.1f}",
+                                f"{100 * s.map:.1f}", str(s.episodes)])
+        meta = {"cache": str(cache_path), "data": facts.label(), "model": facts.model or "?",
+                "scores": f"over the {len(chosen)} episodes shown, IoU@{threshold:g} per panel"}
+        page = write_html_index(html_dir, entries, title=f"clipprior priors: {facts.label()}", meta=meta,
+                                summary=summary)
+        console.print(f"Wrote [bold]{page}[/]")
