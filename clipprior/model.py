@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -169,10 +170,30 @@ def _load_hf_directory(path: Path, attn_implementation: str | None) -> tuple[CLI
             f"{str(path)!r} is a directory but holds no CLIPModel weights (expected one of {list(_HF_WEIGHT_FILES)}); "
             f"save one with CLIPModel.save_pretrained, or pass an OpenAI checkpoint file."
         )
+    config_file = path / "config.json"
     try:
-        model = CLIPModel.from_pretrained(path, attn_implementation=attn_implementation)
-    except (OSError, ValueError, KeyError) as err:
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"{str(config_file)!r} is not a readable model config: {err}") from err
+    if model_type != "clip":
+        found = f"a {model_type!r} model" if model_type else "no config.json"
+        raise ModelLoadError(
+            f"{str(path)!r} holds {found}, not a CLIPModel; pass a directory saved with CLIPModel.save_pretrained"
+        )
+    try:
+        model, info = CLIPModel.from_pretrained(
+            path, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    except Exception as err:  # corrupt weight files raise torch, safetensors and pickle errors alike
         raise ModelLoadError(f"could not load a CLIPModel from {str(path)!r}: {err}") from err
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        raise ModelLoadError(
+            f"the weights in {str(path)!r} do not fill its CLIPModel: missing {missing[:5]}, "
+            f"wrong shape {mismatched[:5]} ({len(missing)} + {len(mismatched)} in all); the checkpoint is "
+            f"incomplete or its config.json belongs to another model"
+        )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
