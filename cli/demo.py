@@ -156,7 +156,7 @@ def demo_panel(
 @handle_errors
 def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str, tile_height: int,
          debug: bool) -> None:
-    r"""Run VTP, PIR and VVP on bundled photos and write a Fig. 4-style panel.
+    """Run VTP, PIR and VVP on bundled photos and write a Fig. 4-style panel.
 
     Three episodes on public-domain / CC0 photos shipped with clipprior (a person, a cat, a cup),
     each with a hand-drawn support mask; the panel shows query (with its mask), support, VVP, raw
@@ -167,7 +167,7 @@ def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str,
       clipprior demo
       clipprior demo --model ~/weights/ViT-B-16.pt --out demo.png
       clipprior demo --model ./clip-vit-base-patch16 --device cpu --cmap turbo
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     from clipprior.model import load_clip
 
     config = get_preset(preset)

@@ -381,7 +381,7 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
              per_class: bool, limit: int | None, list_file: Path | None, dataset: str | None, split: str,
              bg_powers: tuple[float, ...], model: str | None, preset: str, skip_missing: bool, json_path: Path | None,
              device: str, dtype: str, debug: bool) -> None:
-    r"""Score priors against ground truth: mIoU, FB-IoU and AP per class and fold, or the CLIP-ES protocol.
+    """Score priors against ground truth: mIoU, FB-IoU and AP per class and fold, or the CLIP-ES protocol.
 
     FSS protocol (default), one CACHE per fold: for each episode, the query's prior is compared
     with its target class (255 ignored, other classes background); intersection and union are
@@ -397,9 +397,8 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
     Examples:
       clipprior evaluate fold0.h5 --data-root ~/data/VOC2012
       clipprior evaluate fold0.h5 fold1.h5 fold2.h5 fold3.h5 --data-root ~/data/VOC2012 --json scores.json
-      clipprior evaluate --protocol clip-es --model ~/weights/ViT-B-16.pt --data-root ~/data/VOC2012 \
-          --list ~/data/VOC2012/ImageSets/Segmentation/train.txt
-    """
+      clipprior evaluate --protocol clip-es --model ~/weights/ViT-B-16.pt --data-root ~/data/VOC2012 --list train.txt
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     if protocol == "fss":
         if not caches:
             raise click.UsageError("the fss protocol needs at least one CACHE (one per fold)")

@@ -60,7 +60,7 @@ def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, t
 @handle_errors
 def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: Path | None, html_dir: Path | None,
          cmap: str, tile_height: int, threshold: float, debug: bool) -> None:
-    r"""Draw cached episodes: query with ground truth, supports with masks, VVP, VTP raw and refined.
+    """Draw cached episodes: query with ground truth, supports with masks, VVP, VTP raw and refined.
 
     One PNG per episode; each prior is a heat-map overlay with a colour bar and its IoU against the
     query's ground truth. With --html, the PNGs go to HTML_DIR/episodes and HTML_DIR/index.html
@@ -70,7 +70,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
     Examples:
       clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes 0,5,10-20
       clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes :100 --html report/
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     cache = PriorCache(cache_path)
     facts = cache_facts(cache)
     root = resolve_data_root(data_root, facts)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from clipprior.cli.demo import DEMO_EPISODES, demo_panel
 from clipprior.cli.main import app
@@ -60,3 +61,13 @@ def test_demo_offline_without_weights_says_what_to_do(tmp_path: Path) -> None:
     assert "clipprior demo --model PATH" in message and "save_pretrained" in message
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "demo.png").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "show", "evaluate"])
+def test_help_shows_examples_one_per_line(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    start = lines.index("  Examples:")
+    assert lines[start + 1].startswith(f"    clipprior {command}")
+    assert lines[start + 2].startswith(f"    clipprior {command}")
