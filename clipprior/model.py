@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ __all__ = [
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 _OPENAI_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+_HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 @dataclass
@@ -194,9 +196,13 @@ def _load_hf_directory(path: Path, attn_implementation: str | None) -> tuple[CLI
             f"wrong shape {mismatched[:5]} ({len(missing)} + {len(mismatched)} in all); the checkpoint is "
             f"incomplete or its config.json belongs to another model"
         )
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
+    # Without tokenizer files, CLIPTokenizer.from_pretrained builds an empty 2-token vocabulary
+    # that maps every prompt to <unk>; only trust a tokenizer that was saved beside the model.
+    tokenizer: CLIPTokenizer | None = None
+    if any((path / name).is_file() for name in _HF_TOKENIZER_FILES):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            tokenizer = CLIPTokenizer.from_pretrained(path)
+    if tokenizer is None:
         tokenizer = default_tokenizer()
     digest = hashlib.sha256()
     for file in weights:
