@@ -218,10 +218,14 @@ def _check_files(lists: FssLists, root: Path, policy: _Policy) -> set[str]:
     return missing
 
 
-def _derive_index(lists: FssLists, root: Path, policy: _Policy) -> tuple[dict[int, list[Item]], set[str]]:
+def _derive_index(lists: FssLists, root: Path, policy: _Policy,
+                  progress: ProgressFn | None) -> tuple[dict[int, list[Item]], set[str]]:
+    """Support lists from the masks of the data list, by the building rule."""
     index: dict[int, list[Item]] = {c: [] for c in lists.classes}
     bad: set[str] = set()
-    for image_id, label_id in lists.items:
+    for done, (image_id, label_id) in enumerate(lists.items):
+        if progress is not None:
+            progress(done, len(lists.items))
         try:
             counts = class_pixel_counts(load_label(root / label_id))
         except ClipPriorError as err:
@@ -280,7 +284,7 @@ def open_dataset(name: str, root: str | os.PathLike[str], fold: int, split: str 
         bad = _check_files(lists, base_root, policy)
         if lists.class_index is None:
             lists.items = [p for p in lists.items if p[0] not in bad and p[1] not in bad]
-            lists.class_index, derived_bad = _derive_index(lists, base_root, policy)
+            lists.class_index, derived_bad = _derive_index(lists, base_root, policy, progress)
             bad |= derived_bad
             lists.source += "; support lists derived from the masks (no sub_class_file_list)"
     else:
