@@ -338,8 +338,14 @@ def clip_config_from_openai(state: Mapping[str, torch.Tensor]) -> CLIPConfig:
     vision_layers = _count_blocks(state, "visual.transformer.resblocks.")
     text_width = int(state["ln_final.weight"].shape[0])
     text_layers = _count_blocks(state, "transformer.resblocks.")
-    vision_mlp = int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
-    text_mlp = int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    mlp_keys = ("visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_fc.weight")
+    if not (vision_layers and text_layers) or any(k not in state for k in mlp_keys):
+        raise ModelLoadError(
+            f"OpenAI CLIP state dict has no complete residual blocks ({vision_layers} vision, {text_layers} text; "
+            f"expected keys {list(mlp_keys)}); the checkpoint is truncated or not a CLIP"
+        )
+    vision_mlp = int(state[mlp_keys[0]].shape[0])
+    text_mlp = int(state[mlp_keys[1]].shape[0])
     return CLIPConfig(
         text_config={
             "hidden_size": text_width,
