@@ -134,7 +134,7 @@ def test_find_list_files_accepts_every_folder_form(shared_lists, form):
 
 
 def test_find_list_files_missing(tmp_path):
-    with pytest.raises(DataNotFoundError, match="data_list_2.txt"):
+    with pytest.raises(DataNotFoundError, match=r"data_list_2\.txt"):
         find_list_files(tmp_path, "pascal5i", 2, "val")
     with pytest.raises(DataNotFoundError, match="does not exist"):
         find_list_files(tmp_path / "nope", "pascal5i", 0, "val")
@@ -190,7 +190,8 @@ def test_data_list_bad_lines_raise_with_line_number(tmp_path):
         read_data_list(path, "pascal5i")
     report = DataReport()
     items = read_data_list(path, "pascal5i", on_error="skip", report=report)
-    assert items == [("JPEGImages/a.jpg", "SegmentationClassAug/a.png"), ("JPEGImages/d.jpg", "SegmentationClassAug/d.png")]
+    assert items == [("JPEGImages/a.jpg", "SegmentationClassAug/a.png"),
+                     ("JPEGImages/d.jpg", "SegmentationClassAug/d.png")]
     assert [p.line for p in report] == [3, 4] and "Elsewhere/c.png" in str(report.problems[1])
 
 
@@ -233,7 +234,7 @@ def test_sub_class_list_bad_entries_skippable(tmp_path):
 
 
 def test_missing_list_file(tmp_path):
-    with pytest.raises(DataNotFoundError, match="nothere.txt"):
+    with pytest.raises(DataNotFoundError, match=r"nothere\.txt"):
         read_data_list(tmp_path / "nothere.txt", "pascal5i")
 
 
@@ -349,7 +350,7 @@ def test_build_train_lists_on_crafted_masks(crafted_voc):
 
 def test_build_reports_missing_mask(crafted_voc):
     (crafted_voc / "SegmentationClassAug" / "f_both.png").unlink()
-    with pytest.raises(DataNotFoundError, match="f_both.png"):
+    with pytest.raises(DataNotFoundError, match=r"f_both\.png"):
         build_fss_lists("pascal5i", crafted_voc, "val", folds=[0])
     report = DataReport()
     built = build_fss_lists("pascal5i", crafted_voc, "val", folds=[0], on_error="skip", report=report)
