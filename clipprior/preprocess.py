@@ -79,11 +79,21 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
 
 
 def resize_to_patch_multiple(image: ImageLike, patch_size: int, resample: str = "bicubic") -> np.ndarray:
-    """Resize an image up to (p*ceil(H/p), p*ceil(W/p)) pixels: (H, W, 3) -> (Hr, Wr, 3) uint8."""
+    """Resize an image up to (p*ceil(H/p), p*ceil(W/p)) pixels: (H, W, 3) -> (Hr, Wr, 3) uint8.
+
+    Raises:
+        InvalidInputError: if the image is not an image or is smaller than one patch (it would be
+            blown up to a single-cell grid, on which no prior is meaningful).
+    """
     rgb = to_rgb_array(image)
     height, width = rgb.shape[:2]
     if height == 0 or width == 0:
         raise InvalidInputError(f"image of {height}x{width} pixels is empty")
+    if height < patch_size or width < patch_size:
+        raise InvalidInputError(
+            f"image of {height}x{width} pixels is smaller than one {patch_size}x{patch_size} patch; "
+            f"resize it to at least {patch_size}x{patch_size}"
+        )
     target = (patch_size * math.ceil(height / patch_size), patch_size * math.ceil(width / patch_size))
     if target == (height, width):
         return rgb
@@ -124,7 +134,8 @@ def preprocess_query(image: ImageLike, patch_size: int, resample: str = "bicubic
     CLIP's statistics, exactly as the official PI-CLIP code prepares the query.
 
     Raises:
-        InvalidInputError: if the image is not an image (see :func:`to_rgb_array`).
+        InvalidInputError: if the image is not an image (see :func:`to_rgb_array`) or is smaller
+            than one patch.
 
     Example:
         >>> preprocess_query(np.zeros((20, 40, 3), np.uint8), patch_size=16).shape
