@@ -51,14 +51,14 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="clipprior")
 def app() -> None:
-    r"""clipprior: PI-CLIP prior maps (VTP, VVP, PIR) for few-shot segmentation.
+    """clipprior: PI-CLIP prior maps (VTP, VVP, PIR) for few-shot segmentation.
 
     \b
     Examples:
       clipprior demo
       clipprior precompute --dataset pascal5i --fold 0 --data-root ~/data/VOC2012
       clipprior inspect priors.h5
-    """
+    """  # noqa: D301 - Click needs a real \b (backspace) to keep the examples unwrapped
 
 
 def main() -> None:

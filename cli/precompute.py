@@ -96,7 +96,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
                list_root: Path | None, episode_file: Path | None, coco_split: str, on_error: str, shard: str | None,
                chunk_images: int, out: Path | None, debug: bool) -> None:
-    r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
+    """Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
     cache is written in atomic segments, so rerunning the same command after a crash resumes.
@@ -107,7 +107,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
       clipprior precompute --dataset coco20i --fold 1 --data-root ~/data/MSCOCO2014 --shot 5 --dtype fp16
       clipprior precompute --dataset pascal5i --fold 0 --data-root DIR --shard 0/4 --out p.h5
       torchrun --nproc-per-node 8 -m clipprior.cli.main precompute --dataset coco20i --fold 0 --split train ...
-    """
+    """  # noqa: D301 - Click needs a real \b (backspace) to keep the examples unwrapped
     from clipprior import get_preset, load_clip
     from clipprior.cache import CacheWriter, shard_from_environment
     from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
