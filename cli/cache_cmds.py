@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from clipprior.cli._common import console, debug_option, device_option, dtype_option, err_console, handle_errors
+from rich import box
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -133,15 +134,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("classes", f"{len(classes)}: " + ", ".join(f"{c} ({n})" for c, n in classes.items()))
     console.print(table)
 
-    table = Table(title="Datasets", title_justify="left")
-    for column in ("dataset", "shape", "dtype", "chunks", "stored", "raw", "ratio"):
-        table.add_column(column, justify="left" if column in ("dataset", "dtype") else "right")
+    table = Table(title="Datasets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("dataset", "shape", "dtype", "chunks", "stored", "ratio"):
+        table.add_column(column, justify="left" if column in ("dataset", "dtype") else "right", no_wrap=True)
     for name, info in summary["datasets"].items():
         raw, stored = info["raw_bytes"], info["stored_bytes"]
-        ratio = f"{raw / stored:.1f}x" if raw and stored else "-"
-        table.add_row(name, "x".join(map(str, info["shape"])), info["dtype"],
-                      "x".join(map(str, info["chunks"])) if info["chunks"] else "-",
-                      _human_bytes(stored), _human_bytes(raw), ratio)
+        table.add_row(name, "x".join(map(str, info["shape"])), "str" if info["dtype"] == "object" else info["dtype"],
+                      "x".join(map(str, info["chunks"])) if info["chunks"] else "-", _human_bytes(stored),
+                      f"{raw / stored:.1f}x" if raw and stored else "-")
     console.print(table)
 
     table = Table(title="Values (inside each entry's grid)", title_justify="left")

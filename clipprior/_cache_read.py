@@ -157,6 +157,7 @@ class PriorCache:
                                  "rerun the same precompute command to complete it")
             raise CacheError(f"no prior cache at {self.path}; create one with `clipprior precompute`")
         self._handle: h5py.File | None = None
+        self._maps: dict[str, h5py.Dataset] = {}
         self._pid: int | None = None
         self._idx: _ReaderIndex | None = None
 
@@ -167,15 +168,24 @@ class PriorCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
-        self._handle, self._pid, self._idx = None, None, None
+        self._handle, self._maps, self._pid, self._idx = None, {}, None, None
 
-    @property
-    def _file(self) -> h5py.File:
+    def _ensure_open(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
             # A handle inherited through fork() is never used: each process opens its own.
             self._handle = _h5.open_read(self.path)
+            # Looking a dataset up by path costs more than reading one entry: do it once.
+            self._maps = {name: self._handle[name] for name in ("vtp/cam", "vtp/refined", "vvp/maps")}
             self._pid = os.getpid()
         return self._handle
+
+    @property
+    def _file(self) -> h5py.File:
+        return self._ensure_open()
+
+    def _map(self, name: str) -> h5py.Dataset:
+        self._ensure_open()
+        return self._maps[name]
 
     @property
     def _index(self) -> _ReaderIndex:
@@ -187,7 +197,7 @@ class PriorCache:
         """Close this process's handle (it reopens on the next read)."""
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
-        self._handle, self._pid = None, None
+        self._handle, self._maps, self._pid = None, {}, None
 
     def __enter__(self) -> PriorCache:
         return self
@@ -321,7 +331,8 @@ class PriorCache:
             raise CacheKeyError(f"no VTP for image {image_key!r}, class {class_id} in {self.path} (this image has "
                                 f"classes {classes}); run `clipprior inspect {self.path}` to see what is cached")
         h, w = idx.file.vtp_grid[row].tolist()
-        data = self._file["vtp/refined" if refined else "vtp/cam"][row, :h, :w]
+        # Reading the whole padded row (one chunk) and cropping is ~4x faster than a hyperslab.
+        data = self._map("vtp/refined" if refined else "vtp/cam")[row][:h, :w]
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key)
 
     def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
@@ -352,7 +363,7 @@ class PriorCache:
             raise CacheKeyError(f"no VVP for episode {index} in {self.path} ({self._episode_range()}); "
                                 f"run `clipprior inspect {self.path}` to see what is cached")
         h, w = self._index.file.vvp_grid[row].tolist()
-        data = self._file["vvp/maps"][row, :, :h, :w]
+        data = self._map("vvp/maps")[row][:, :h, :w]
         query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key)
 

@@ -179,6 +179,8 @@ class CacheWriter:
             if self.shard is None and "shard_index" in base.attrs:
                 raise CacheError(f"{self.path} is a shard file; merge it with `clipprior merge` instead of appending")
         manifest = self._read_manifest()
+        if manifest is not None and not any(self.parts.glob("seg-*.h5")):
+            manifest = None  # a run that committed nothing: no work to protect, start afresh
         if manifest is not None:
             self._check_provenance(manifest.get("provenance", {}), self.parts)
         try:
@@ -232,8 +234,7 @@ class CacheWriter:
         segments = sorted(self.parts.glob("seg-*.h5"))
         if manifest is not None and base is not None and base.attrs.get("run_id") == manifest.get("run_id"):
             # Killed after the final file was renamed into place but before the parts were removed.
-            self._remove_parts(segments)
-            self.parts.mkdir(parents=True, exist_ok=True)
+            self._remove_parts(segments, keep_lock=True)
             manifest, segments = None, []
         if manifest is None:
             if segments:
@@ -270,13 +271,14 @@ class CacheWriter:
             raise CacheError(f"could not write {path}: {_h5.describe_os_error(err, path)}") from err
         _h5.fsync_dir(path.parent)
 
-    def _remove_parts(self, segments: Iterable[Path]) -> None:
-        # The manifest goes last: segments without a manifest are never left behind.
-        for path in [*segments, self.parts / _MANIFEST, self.parts / _LOCK]:
+    def _remove_parts(self, segments: Iterable[Path], *, keep_lock: bool = False) -> None:
+        # The manifest goes after the segments: segments without a manifest are never left behind.
+        for path in [*segments, self.parts / _MANIFEST, *([] if keep_lock else [self.parts / _LOCK])]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        with contextlib.suppress(OSError):
-            self.parts.rmdir()
+        if not keep_lock:
+            with contextlib.suppress(OSError):
+                self.parts.rmdir()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -293,7 +295,13 @@ class CacheWriter:
             self.close()
 
     def close(self) -> None:
-        """Release the lock without finalizing; uncommitted entries are dropped (call :meth:`commit` first)."""
+        """Release the lock without finalizing; uncommitted entries are dropped (call :meth:`commit` first).
+
+        Committed segments stay for the next run to resume; a run that committed nothing leaves
+        nothing behind.
+        """
+        if not self._closed and self._lock_fd is not None and not self._segments:
+            self._remove_parts(())
         self._closed = True
         self._release()
 

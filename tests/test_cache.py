@@ -170,6 +170,20 @@ def test_killed_between_final_rename_and_cleanup(tmp_path: Path, reference: Path
     assert_same_datasets(out, reference)
 
 
+def test_run_that_committed_nothing_leaves_nothing_and_blocks_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "p.h5"
+    with CacheWriter(out, provenance(fold=0)):
+        pass  # e.g. the model failed to load after the writer was opened
+    assert _listing(tmp_path) == []
+    killed = CacheWriter(out, provenance(fold=0))
+    killed._release()  # as if SIGKILLed: the manifest stays, the lock goes with the process
+    assert (parts_dir(out) / "manifest.json").exists()
+    with CacheWriter(out, provenance(fold=1)) as writer:  # no committed work: the new settings win
+        writer.set_episodes(episodes(4, 2))
+    with pytest.raises(CacheMismatchError, match="fold: cached=1 requested=0"):
+        CacheWriter(out, provenance(fold=0))  # now there is work to protect
+
+
 def test_append_to_finished_cache_with_same_settings(tmp_path: Path) -> None:
     out = tmp_path / "p.h5"
     run_job(out, n_images=6, n_episodes=4)
