@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench setup
+.PHONY: demo test bench setup browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ setup: $(BIN)/python
 demo: setup
 	$(BIN)/clipprior demo --out clipprior-demo.png
 
-test: setup
+# The HTML report test opens the page in headless Chromium (Debian's package); set
+# CLIPPRIOR_SKIP_BROWSER_TEST=1 to opt out on machines where it cannot be installed.
+browser:
+	@if [ -z "$$CLIPPRIOR_SKIP_BROWSER_TEST" ] && ! command -v chromium >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+	fi
+
+test: setup browser
 	$(BIN)/ruff check clipprior cli tests benchmarks
 	$(BIN)/python -m pytest -q
 
