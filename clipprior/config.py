@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +43,42 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "vvp_pixel_norm": ("clip", "imagenet"),
     "vvp_mask_resize": ("nearest", "area"),
 }
+
+
+_KINDS: dict[str, str] = {
+    "logit_scale": "number or None", "cam_norm_passes": "int", "pir_layers": "int", "pir_sinkhorn_iters": "int",
+    "cam_eps": "number", "pir_box_threshold": "number", "vvp_eps": "number", "pir_square": "bool",
+    "vvp_normalize": "bool", "fg_template": "str", "bg_template": "str",
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool is an int subclass; True is not a layer count
+        return False
+    if kind == "int":
+        return isinstance(value, numbers.Integral)
+    if kind == "str":
+        return isinstance(value, str)
+    return isinstance(value, numbers.Real) or (kind == "number or None" and value is None)
+
+
+def _check_types(config: PriorConfig) -> None:
+    """Raise ConfigError for a field of the wrong type (e.g. ``pir_square="false"`` from hand-edited JSON)."""
+    for name, kind in _KINDS.items():
+        value = getattr(config, name)
+        if not _is_kind(value, kind):
+            raise ConfigError(f"PriorConfig.{name}={value!r} has type {type(value).__name__}; expected {kind}")
+        if kind == "int":  # numpy scalars would not survive to_json()
+            object.__setattr__(config, name, int(value))
+        elif kind.startswith("number") and value is not None:
+            object.__setattr__(config, name, float(value))
+    layers = config.vvp_layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not all(
+        _is_kind(i, "int") for i in layers
+    ):
+        raise ConfigError(f"PriorConfig.vvp_layers={layers!r} must be a list of int layer indices, e.g. (-1, -2)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +133,7 @@ class PriorConfig:
     vvp_pixel_norm: PixelNorm = "clip"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
@@ -115,8 +154,11 @@ class PriorConfig:
             raise ConfigError(f"PriorConfig.pir_box_threshold={self.pir_box_threshold} must be in [0, 1)")
         if not self.vvp_layers:
             raise ConfigError("PriorConfig.vvp_layers is empty; name at least one layer, e.g. (-1, -2)")
-        if self.logit_scale is not None and not self.logit_scale > 0:
-            raise ConfigError(f"PriorConfig.logit_scale={self.logit_scale} must be positive or None")
+        if self.logit_scale is not None and not 0 < self.logit_scale < math.inf:
+            raise ConfigError(f"PriorConfig.logit_scale={self.logit_scale} must be positive and finite, or None")
+        for name in ("cam_eps", "vvp_eps"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"PriorConfig.{name}={getattr(self, name)} must be a finite number >= 0")
         object.__setattr__(self, "vvp_layers", tuple(int(i) for i in self.vvp_layers))
 
     def replace(self, **changes: Any) -> PriorConfig:
