@@ -46,7 +46,7 @@ def resize_prior(x: torch.Tensor, size: tuple[int, int], *, align_corners: bool 
     """Bilinearly resize a prior map, in float32.
 
     Use it to map a cached prior (patch grid of the whole image) onto a stretched geometry: the
-    original image, a 473x473 stretched crop of it, a 60x60 feature map.
+    original image, the image stretched to 473x473, a 60x60 feature map.
 
     Args:
         x: (h, w), (C, h, w) or (B, C, h, w) prior.

@@ -257,7 +257,7 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
         if len(grids) and ((grids < 1).any() or (grids[:, 0] > maps.shape[-2]).any()
                            or (grids[:, 1] > maps.shape[-1]).any()):
             report.problems.append(f"{name}/grid has grids outside the map datasets' {maps.shape[-2:]}")
-    keys = {"vtp": list(index.vtp_row), "vvp": sorted(index.vvp_row)}
+    keys = {"vtp": list(index.vtp_row), "vvp": list(index.vvp_row)}  # in row order
     done, total = 0, sum(handle[name].shape[0] for name in _MAPS)
     for name in _MAPS:
         rows = np.arange(handle[name].shape[0])

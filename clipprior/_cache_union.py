@@ -166,19 +166,41 @@ def missing_entries(index: SourceUnion) -> list[str]:
 
 
 class SourceUnion:
-    """The sorted, de-duplicated union of several cache-layout sources (indices only, no maps)."""
+    """The de-duplicated union of cache-layout sources (indices only, no maps), and its sorted writing.
 
-    def __init__(self, indices: Sequence[FileIndex]) -> None:
-        self.indices = list(indices)
+    Finalizing a run (the finished file plus the segments), merging shards and writing a segment
+    from memory are all "write the union of these sources".
+
+    Attributes:
+        indices: The source files, in priority order (an entry is taken from the first source
+            holding it).
+        images: ``{image_key: (height, width)}``.
+        vtp: ``{(image_key, class_id): (source, row, (h, w))}``; ``source`` indexes ``indices``,
+            then the in-memory sources given to :meth:`write`.
+        vvp: ``{episode_index: (source, row, (h, w))}``.
+        episodes: ``{episode_index: EpisodeRecord}``.
+        vvp_channels: C of the VVP maps (0 while there are none).
+    """
+
+    def __init__(self, indices: Sequence[FileIndex] = ()) -> None:
+        self.indices: list[FileIndex] = []
         self.images: dict[str, tuple[int, int]] = {}
         self.vtp: dict[tuple[str, int], tuple[int, int, tuple[int, int]]] = {}
         self.vvp: dict[int, tuple[int, int, tuple[int, int]]] = {}
         self.episodes: dict[int, EpisodeRecord] = {}
         self.vvp_channels = 0
-        for source, idx in enumerate(self.indices):
-            self.add(source, idx)
+        for idx in indices:
+            self.append(idx)
 
-    def add(self, source: int, idx: FileIndex) -> None:
+    def append(self, idx: FileIndex) -> None:
+        """Add a source after the others (its entries lose to theirs).
+
+        Raises:
+            CacheError: if an image size or the VVP channel count disagrees with earlier sources.
+            CacheMismatchError: if an episode disagrees with an earlier source.
+        """
+        source = len(self.indices)
+        self.indices.append(idx)
         for key, size in idx.image_items():
             known = self.images.setdefault(key, size)
             if known != size:

@@ -55,7 +55,7 @@ def shard_path(path: str | os.PathLike[str], index: int, count: int) -> Path:
     """
     index, count = _check_shard((index, count))
     p = Path(path)
-    return p.with_name(f"{p.stem if p.suffix else p.name}.shard-{index}-of-{count}{p.suffix or '.h5'}")
+    return p.with_name(f"{p.stem}.shard-{index}-of-{count}{p.suffix or '.h5'}")
 
 
 def parts_dir(path: str | os.PathLike[str]) -> Path:
@@ -163,7 +163,7 @@ class CacheWriter:
         self._segments: list[Path] = []
         self._run_id = ""
         self._created = ""
-        self._union = SourceUnion([])
+        self._union = SourceUnion()
         self._base: FileIndex | None = None
         self._reset_buffer()
         self._open()
@@ -184,13 +184,12 @@ class CacheWriter:
         if manifest is not None:
             self._check_provenance(manifest.get("provenance", {}), self.parts)
         try:
-            self.parts.mkdir(parents=True, exist_ok=True)
-            self._lock()
-        except OSError as err:
-            self._release()
-            raise CacheError(f"cannot write the cache at {self.path}: {_h5.describe_os_error(err, self.parts / 'x')}") \
-                from err
-        try:
+            try:
+                self.parts.mkdir(parents=True, exist_ok=True)
+                self._lock()
+            except OSError as err:
+                reason = _h5.describe_os_error(err, self.parts / _LOCK)
+                raise CacheError(f"cannot write the cache at {self.path}: {reason}") from err
             self._recover(base, manifest)
         except BaseException:
             self._release()
@@ -456,7 +455,8 @@ class CacheWriter:
             return 0
         number = int(self._segments[-1].stem.split("-")[1]) + 1 if self._segments else 0
         path = self.parts / f"seg-{number:06d}.h5"
-        segment = SourceUnion([])
+        # The segment is the union of one in-memory source (source 0: no files) holding the buffer.
+        segment = SourceUnion()
         memory: dict[str, list[np.ndarray]] = {"vtp/cam": [], "vtp/refined": [], "vvp/maps": []}
         # A segment's image table covers its VTP rows, whatever segment recorded the image first.
         for image_key, _ in self._buf_vtp:
@@ -474,9 +474,7 @@ class CacheWriter:
             segment.episodes[record.index] = record
         segment.write(path, provenance=self.provenance, attrs={"kind": "segment", "run_id": self._run_id},
                       memory=[memory], what="segment")
-        index = FileIndex.load(path)
-        self._union.add(len(self._union.indices), index)
-        self._union.indices.append(index)
+        self._union.append(FileIndex.load(path))
         self._segments.append(path)
         count = self.pending
         self._reset_buffer()

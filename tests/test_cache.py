@@ -124,6 +124,34 @@ def test_final_file_independent_of_order_and_commits(tmp_path_factory: pytest.Te
     assert not parts_dir(out).exists()
 
 
+def test_consolidation_through_a_small_lru_of_open_segments(tmp_path: Path, reference: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_h5, "MAX_OPEN_SOURCES", 2)
+    monkeypatch.setattr(_h5, "BLOCK_BYTES", 4096)
+    out = tmp_path / "p.h5"
+    run_job(out, order_seed=7, commit_every=1, finalize=False)
+    assert len(list(parts_dir(out).glob("seg-*.h5"))) > 20  # far more than the 2 files kept open
+    run_job(out)
+    assert_same_datasets(out, reference)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=st.dictionaries(st.text(min_size=1, max_size=4), _json, max_size=4),
+       b=st.dictionaries(st.text(min_size=1, max_size=4), _json, max_size=4))
+def test_provenance_diff_laws(a: dict, b: dict) -> None:
+    assert provenance_diff(a, a) == {}
+    forward, backward = provenance_diff(a, b), provenance_diff(b, a)
+    assert {k: (y, x) for k, (x, y) in forward.items()} == backward
+    assert (forward == {}) == (a == b)
+
+
 def test_resume_after_abandoned_run_equals_reference(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "p.h5"
     eps = episodes(12, 10)
