@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -216,6 +216,26 @@ def _offline_env() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode for the block when ``offline``.
+
+    ``local_files_only`` alone still lets huggingface_hub make side requests (its user-agent
+    code fetches a registry from the hub); its own offline switch stops every request.
+    """
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool | None) -> tuple[
     CLIPModel, CLIPTokenizer, str
 ]:
@@ -226,8 +246,9 @@ def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     try:
-        model = CLIPModel.from_pretrained(name, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=bool(local_files_only))
+        with _hub_offline(bool(local_files_only)):
+            model = CLIPModel.from_pretrained(name, **kwargs)
+            tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=bool(local_files_only))
     except OSError as err:
         raise WeightsNotFoundError(
             f"could not load {name!r} from the HuggingFace hub or its local cache ({type(err).__name__}); "
