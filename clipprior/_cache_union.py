@@ -240,7 +240,13 @@ class SourceUnion:
     def write(self, out: Path, *, provenance: Mapping[str, Any], attrs: Mapping[str, Any],
               memory: Sequence[Mapping[str, Sequence[np.ndarray]]] = (),
               progress: Callable[[int], None] | None = None, what: str = "cache file") -> None:
-        """Write the union, sorted by key, atomically to ``out``."""
+        """Write the union, sorted by key, atomically to ``out``.
+
+        With ``memory`` sources (a segment: bounded by the writer's buffer) the file is built in
+        memory; otherwise its size is estimated from the source files and that much free space is
+        required before writing (see :func:`clipprior._h5.atomic_h5`).
+        """
+        needed = int(1.1 * sum(i.path.stat().st_size for i in self.indices)) + (1 << 20)
         images = sorted(self.images.items())
         image_row = {key: row for row, (key, _) in enumerate(images)}
         vtp_keys = sorted(self.vtp)
@@ -256,7 +262,8 @@ class SourceUnion:
                 lead=lead,
             )
 
-        with SourceSet([i.path for i in self.indices], memory) as sources, _h5.atomic_h5(out, what=what) as handle:
+        with SourceSet([i.path for i in self.indices], memory) as sources, \
+                _h5.atomic_h5(out, what=what, in_memory=bool(memory), needed_bytes=needed) as handle:
             _h5.write_cache_file(
                 handle, attrs=attrs, provenance=provenance, images=images,
                 vtp_keys=[(image_row[k[0]], k[1]) for k in vtp_keys], vtp_plan=plan(vtp, ()),

@@ -20,6 +20,8 @@ import contextlib
 import errno
 import json
 import os
+import shutil
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +116,7 @@ def describe_os_error(err: BaseException, path: Path) -> str:
     """A one-line reason for a failed write, with the fix for the common causes."""
     code = getattr(err, "errno", None)
     if code == errno.ENOSPC:
-        return f"no space left on the device holding {path.parent}; free some space"
+        return f"no space left on the device holding {path.parent}; free some space and rerun"
     if code == errno.EDQUOT:
         return f"disk quota exceeded on {path.parent}; free some space"
     if code in (errno.EACCES, errno.EPERM):
@@ -124,29 +126,68 @@ def describe_os_error(err: BaseException, path: Path) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def disk_free(directory: Path) -> int:
+    """Bytes available to this user on the file system holding ``directory``."""
+    return shutil.disk_usage(directory).free
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write, flush and fsync ``data`` to a new file (plain Python I/O: a full disk is a clean OSError)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 @contextlib.contextmanager
-def atomic_h5(path: Path, *, what: str = "cache file") -> Iterator[h5py.File]:
+def atomic_h5(path: Path, *, what: str = "cache file", in_memory: bool = False,
+              needed_bytes: int = 0) -> Iterator[h5py.File]:
     """Create an HDF5 file that appears at ``path`` complete or not at all.
 
-    The file is written as ``path + ".tmp"``, closed, fsynced, renamed over ``path`` and the
-    directory fsynced. On any error the temporary file is removed and the error is re-raised as a
+    The file is written as ``path + ".tmp"``, fsynced, renamed over ``path`` and the directory
+    fsynced. On any error the temporary file is removed and the error is re-raised as a
     :class:`CacheError` naming the file and the fix (a full disk included).
+
+    HDF5 cannot survive running out of disk space: a write that fails leaves it unable to close the
+    file, and closing it crashes the process (a segfault, seen with HDF5 2.0 / h5py 3.16). So the
+    library is never allowed to hit a full disk: small files (``in_memory``, the segments) are
+    built in memory and written with plain Python I/O; large files check ``needed_bytes`` of free
+    space first.
 
     Args:
         path: Final path of the file.
         what: Words for error messages ("segment", "cache file", ...).
+        in_memory: Build the whole file in memory, then write its bytes.
+        needed_bytes: Refuse to start unless this much space is free (large files).
 
     Yields:
-        The open, writable ``h5py.File`` (temporary name).
+        The open, writable ``h5py.File``.
 
     Raises:
         CacheError: if the file cannot be written.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w", track_order=False) as handle:
-            yield handle
-        _fsync_file(tmp)
+        if not in_memory and needed_bytes:
+            free = disk_free(path.parent)
+            if free < needed_bytes:
+                raise CacheError(
+                    f"could not write {what} {path}: about {needed_bytes / 2**20:,.1f} MiB are needed but "
+                    f"{free / 2**20:,.1f} MiB are free on the device holding {path.parent}; free some space and rerun"
+                )
+        if in_memory:
+            handle = h5py.File(f"clipprior-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
+            try:
+                yield handle
+                handle.flush()
+                image = handle.id.get_file_image()
+            finally:
+                handle.close()
+            _write_bytes(tmp, image)
+        else:
+            with h5py.File(tmp, "w", track_order=False) as handle:
+                yield handle
+            _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):

@@ -364,22 +364,20 @@ def _listing(root: Path) -> list[str]:
 
 
 def test_full_disk_during_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Path) -> None:
+    """Segments are built in memory and written with plain I/O: a full disk is a clean error."""
     out = tmp_path / "p.h5"
     run_job(out, finalize=False)
     committed = _listing(tmp_path)
-    calls = {"n": 0}
-    original = _h5._create_dataset
+    original = _h5._write_bytes
 
-    def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 3:  # the segment file is really half-written when the disk "fills up"
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(*args, **kwargs)
+    def full_disk(path: Path, data: bytes) -> None:
+        original(path, data[: len(data) // 2])  # the segment is really half-written when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     with CacheWriter(out, provenance(episodes=10)) as writer:
         writer.add_vtp(image_key(0), 3, *fake_vtp(0, 3))
-        monkeypatch.setattr(_h5, "_create_dataset", full_disk)
-        with pytest.raises(CacheError, match="no space left on the device") as info:
+        monkeypatch.setattr(_h5, "_write_bytes", full_disk)
+        with pytest.raises(CacheError, match=r"could not write segment .*no space left on the device") as info:
             writer.commit()
         assert not isinstance(info.value, OSError)
         assert _listing(tmp_path) == committed  # no .tmp left, no new segment
@@ -388,16 +386,32 @@ def test_full_disk_during_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert check_cache(run_job(out)).ok  # type: ignore[arg-type]
 
 
-def test_full_disk_during_finalize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Path) -> None:
+def test_not_enough_space_to_finalize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Path) -> None:
     out = tmp_path / "p.h5"
     run_job(out, finalize=False)
     committed = _listing(tmp_path)
+    monkeypatch.setattr(_h5, "disk_free", lambda directory: 10_000)
+    with CacheWriter(out, provenance(episodes=10)) as writer, pytest.raises(CacheError, match="MiB are needed"):
+        writer.finalize()
+    assert _listing(tmp_path) == committed
+    monkeypatch.undo()
+    run_job(out)
+    assert_same_datasets(out, reference)
 
-    def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_h5, "_copy_maps", full_disk)
-    with CacheWriter(out, provenance(episodes=10)) as writer, pytest.raises(CacheError, match="no space left"):
+def test_write_error_while_finalizing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Path) -> None:
+    out = tmp_path / "p.h5"
+    run_job(out, finalize=False)
+    committed = _listing(tmp_path)
+    original = _h5._copy_maps
+
+    def failing(group, names, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if group.name == "/vvp":  # the VTP maps are in the temporary file already
+            raise OSError(errno.EIO, "Input/output error")
+        return original(group, names, *args, **kwargs)
+
+    monkeypatch.setattr(_h5, "_copy_maps", failing)
+    with CacheWriter(out, provenance(episodes=10)) as writer, pytest.raises(CacheError, match="Input/output error"):
         writer.finalize()
     assert not out.exists() and _listing(tmp_path) == committed
     monkeypatch.undo()
