@@ -407,9 +407,10 @@ def _vtp_pass(
     index_dev = index.to(device)
     kept: dict[int, torch.Tensor] = {}
     scale = float(config.logit_scale) if config.logit_scale is not None else float(model.logit_scale.detach().exp())
-    text_matrix, valid = _text_matrix(sets, text, device)
     recorder = AttentionRecorder(blocks[attn_start:] if want_attention else [], num_heads)
     with torch.inference_mode(False), recorder:
+        # Built here, not in a caller's inference mode: autograd saves it for the backward.
+        text_matrix, valid = _text_matrix(sets, text, device)
         with torch.no_grad():
             hidden = embed(vm, pixels, config.pos_interpolation)
             for i in range(n_layers - 1):
