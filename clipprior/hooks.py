@@ -41,8 +41,8 @@ def count_hooks(module: nn.Module) -> int:
     """
     total = 0
     for sub in module.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+        # (The *_with_kwargs dicts only flag some of these hooks; counting them would count twice.)
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             hooks = getattr(sub, name, None)
             if hooks:
                 total += len(hooks)
