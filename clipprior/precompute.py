@@ -271,9 +271,12 @@ def run_precompute(
 ) -> PrecomputeStats:
     """Compute and write every VTP (raw and refined) and VVP the episodes need.
 
-    Query images are processed in chunks of ``chunk_images``; within a chunk, images of equal
-    (resized) size run in batches of ``batch_size``, and the supports of the chunk's episodes run
-    in batches too. Entries already in the cache are skipped, so a rerun resumes.
+    The plan fixes every batch: query images are cut into chunks of ``chunk_images`` in
+    first-appearance order, and within a chunk, images of equal (resized) size run in batches of
+    ``batch_size``; each (support, class) belongs to the chunk of its first use and runs in that
+    chunk's support batches. A rerun skips the chunks whose entries are all cached and recomputes
+    the others batch by batch, exactly as an uninterrupted run would, writing only what is
+    missing: a resumed cache is bit-for-bit the cache of an uninterrupted run.
 
     Args:
         clip: The loaded CLIP.
@@ -284,7 +287,7 @@ def run_precompute(
         config: Knobs; defaults to :class:`PriorConfig`.
         batch_size: Images per CLIP batch.
         shard: ``(index, count)`` to compute one shard of the query images.
-        chunk_images: Query images per chunk (bounds memory).
+        chunk_images: Query images per chunk (bounds memory; the unit of resumption).
         progress: Called as ``progress(kind, n)`` with kind ``"query"``, ``"support"`` or ``"episode"``.
         text: Precomputed text features of ``class_names`` (encoded here when ``None``).
 
@@ -296,72 +299,98 @@ def run_precompute(
         DatasetError: from the data layer, for broken images or masks.
     """
     config = config or PriorConfig()
-    if batch_size < 1:
-        raise InvalidInputError(f"batch_size={batch_size} must be >= 1")
+    if batch_size < 1 or chunk_images < 1:
+        raise InvalidInputError(f"batch_size={batch_size} and chunk_images={chunk_images} must be >= 1")
     class_names = list(class_names)
     for episode in episodes:
         if not 1 <= int(episode.class_id) <= len(class_names):
             raise InvalidInputError(f"episode class {episode.class_id} has no prompt name (have {len(class_names)})")
     text = text or encode_text(clip, class_names, config)
     plan = plan_work(episodes, shard)
+    chunks = [plan.queries[i:i + chunk_images] for i in range(0, len(plan.queries), chunk_images)]
+    home_keys: list[list[tuple[str, str, int]]] = []
+    seen: set[tuple[str, str, int]] = set()
+    home: dict[tuple[str, str, int], int] = {}
+    for c, chunk in enumerate(chunks):
+        keys = []
+        for i in (i for q in chunk for i in q.episodes):
+            for image, label in episodes[i].supports:
+                key = (image, label, int(episodes[i].class_id))
+                if key not in seen:
+                    seen.add(key)
+                    home[key] = c
+                    keys.append(key)
+        home_keys.append(keys)
     todo = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
     store = _SupportStore(plan_work(todo).support_uses)
     stats = PrecomputeStats()
     report = progress or (lambda kind, n: None)
-    for start in range(0, len(plan.queries), chunk_images):
-        chunk = plan.queries[start:start + chunk_images]
-        todo_eps = [i for q in chunk for i in q.episodes if not writer.has_vvp(i)]
-        needs_vtp = [q for q in chunk if any(not writer.has_vtp(q.image, c) for c in q.classes)]
+    for chunk in chunks:
+        chunk_eps = [i for q in chunk for i in q.episodes]
+        todo_eps = [i for i in chunk_eps if not writer.has_vvp(i)]
         needs_features = {episodes[i].query_image for i in todo_eps}
-        queries = [q for q in chunk if q in needs_vtp or q.image in needs_features]
-        query_features = _run_queries(clip, dataset, queries, needs_features, writer, text, class_names, config,
-                                      batch_size, stats, report)
-        _run_supports(clip, dataset, [episodes[i] for i in todo_eps], store, config, batch_size, stats, report)
-        for i in todo_eps:
-            episode = episodes[i]
-            qf = query_features[episode.query_image]
-            maps = []
-            for image, label in episode.supports:
-                sf, sm = store.take((image, label, int(episode.class_id)))
-                maps.append(vvp_from_features(qf[0][None], sf[None, None], sm[None, None], qf[1],
-                                              eps=config.vvp_eps, normalize_maps=config.vvp_normalize))
-            stacked = torch.cat(maps, dim=1)  # (1, K*L, h, w), shot-major
-            layers, shots = len(config.vvp_layers), len(episode.supports)
-            stacked = stacked.reshape(shots, layers, *qf[1]).transpose(0, 1).reshape(layers * shots, *qf[1])
-            writer.add_vvp(i, stacked.numpy().astype(np.float32))
-            stats.vvp_written += 1
-            report("episode", 1)
-        skipped = len([i for q in chunk for i in q.episodes]) - len(todo_eps)
-        if skipped:
-            stats.skipped_vvp += skipped
-            report("episode", skipped)
-        writer.commit()
+        missing_vtp = any(not writer.has_vtp(q.image, k) for q in chunk for k in q.classes)
+        if todo_eps or missing_vtp:
+            query_features = _run_queries(clip, dataset, chunk, needs_features, writer, text, class_names, config,
+                                          batch_size, stats, report)
+            needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps
+                      for image, label in episodes[i].supports]
+            for h in sorted({home[k] for k in needed if k not in store.features}):
+                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report)
+            for i in todo_eps:
+                writer.add_vvp(i, _episode_vvp(episodes[i], query_features, store, config))
+                stats.vvp_written += 1
+            writer.commit()
+        else:
+            report("query", len(chunk))
+        skipped = len(chunk_eps) - len(todo_eps)
+        stats.skipped_vvp += skipped
+        report("episode", len(chunk_eps))
     return stats
 
 
+def _episode_vvp(episode: Any, query_features: dict[str, tuple[torch.Tensor, tuple[int, int]]],
+                 store: _SupportStore, config: PriorConfig) -> np.ndarray:
+    """(L*K, h, w) VVP of one episode, layer-major, from cached query and support features."""
+    feats, grid = query_features[episode.query_image]
+    maps = []
+    for image, label in episode.supports:
+        sf, sm = store.take((image, label, int(episode.class_id)))
+        maps.append(vvp_from_features(feats[None], sf[None, None], sm[None, None], grid,
+                                      eps=config.vvp_eps, normalize_maps=config.vvp_normalize))
+    layers, shots = len(config.vvp_layers), len(episode.supports)
+    stacked = torch.cat(maps, dim=1).reshape(shots, layers, *grid).transpose(0, 1)
+    return stacked.reshape(layers * shots, *grid).numpy().astype(np.float32)
+
+
 def _run_queries(
-    clip: ClipBundle, dataset: _Dataset, queries: list[QueryWork], needs_features: set[str], writer: _Writer,
+    clip: ClipBundle, dataset: _Dataset, chunk: list[QueryWork], needs_features: set[str], writer: _Writer,
     text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
     report: ProgressFn,
 ) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
-    """Run the query passes; write VTP; return the VVP features of the images that need them."""
+    """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
+
+    Every batch runs whole, with every class of each of its images, so its numbers do not depend on
+    what an interrupted run had already written.
+
+    Returns:
+        The VVP features (L, n, D) and grid of each image in ``needs_features``.
+    """
     patch = clip.patch_size
     reuse = config.vvp_pixel_norm == "clip"
     prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for work in queries:
+    for work in chunk:
         rgb = dataset.load_image(work.image)
         label = dataset.load_label(work.label)
         prepared[work.image] = (rgb, label, resize_to_patch_multiple(rgb, patch, config.vtp_resample))
     features: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
-    for batch in _batches(queries, lambda q: prepared[q.image][2].shape[:2], batch_size):
+    for batch in _batches(chunk, lambda q: prepared[q.image][2].shape[:2], batch_size):
+        missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
+        if not missing and not any(q.image in needs_features for q in batch):
+            report("query", len(batch))
+            continue
         pixels = torch.stack([normalize(prepared[q.image][2], "clip") for q in batch]).to(clip.device, clip.dtype)
-        pairs = [(b, c) for b, q in enumerate(batch) for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
-        want_feats = reuse and any(q.image in needs_features for q in batch)
-        if not pairs:  # VTP cached already: only VVP features are needed.
-            pairs = [(b, next(iter(sorted(q.classes)))) for b, q in enumerate(batch)]
-            write_vtp = False
-        else:
-            write_vtp = True
+        pairs = [(b, c) for b, q in enumerate(batch) for c in sorted(q.classes)]
         sets = []
         for b, c in pairs:
             names = [class_names[c - 1]]
@@ -369,24 +398,21 @@ def _run_queries(
                 names += [n for n in _present_names(prepared[batch[b].image][1], c, class_names) if n not in names]
             sets.append(names)
         index = torch.tensor([b for b, _ in pairs], dtype=torch.long)
-        out = _vtp_pass(clip, pixels, index, sets, text, config, write_vtp, want_feats)
+        out = _vtp_pass(clip, pixels, index, sets, text, config, True, reuse)
         stats.query_passes += len(batch)
-        if write_vtp:
-            refined = pir(out.cam, out.attention, config=config).refined
-            for p, (b, c) in enumerate(pairs):
-                work = batch[b]
+        refined = pir(out.cam, out.attention, config=config).refined
+        for p, (b, c) in enumerate(pairs):
+            work = batch[b]
+            if not writer.has_image(work.image):
                 height, width = prepared[work.image][0].shape[:2]
-                if not writer.has_image(work.image):
-                    writer.add_image(work.image, height, width)
+                writer.add_image(work.image, height, width)
+            if not writer.has_vtp(work.image, c):
                 writer.add_vtp(work.image, c, out.cam[p].cpu().numpy(), refined[p].cpu().numpy())
                 stats.vtp_written += 1
         grid = tuple(out.cam.shape[-2:])
         for b, work in enumerate(batch):
             if work.image not in needs_features:
                 continue
-            if not writer.has_image(work.image):
-                height, width = prepared[work.image][0].shape[:2]
-                writer.add_image(work.image, height, width)
             if out.features is not None:
                 feats = out.features[b]
             else:
@@ -398,16 +424,14 @@ def _run_queries(
 
 
 def _run_supports(
-    clip: ClipBundle, dataset: _Dataset, episodes: Sequence[Any], store: _SupportStore, config: PriorConfig,
-    batch_size: int, stats: PrecomputeStats, report: ProgressFn,
+    clip: ClipBundle, dataset: _Dataset, keys: Sequence[tuple[str, str, int]], store: _SupportStore,
+    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn,
 ) -> None:
-    """Run the masked support passes the episodes need and are not in the store yet."""
-    keys = []
-    for episode in episodes:
-        for image, label in episode.supports:
-            key = (image, label, int(episode.class_id))
-            if key not in store.features and key not in keys:
-                keys.append(key)
+    """Run the planned support batches of one chunk (its first-use keys) that a pending episode needs.
+
+    Batches run whole, so a resumed run computes each support with the same batch partners as an
+    uninterrupted one; features no pending episode needs are dropped at once.
+    """
     prepared = {}
     for key in keys:
         image, label, class_id = key
@@ -416,10 +440,14 @@ def _run_supports(
         fss = np.where(raw == class_id, 1, np.where(raw == 255, 255, 0)).astype(np.uint8)
         prepared[key] = _prepare_support(rgb, fss, clip.patch_size, config)
     for batch in _batches(keys, lambda k: tuple(prepared[k][0].shape[-2:]), batch_size):
+        wanted = [k for k in batch if store.remaining.get(k, 0) > 0 and k not in store.features]
+        if not wanted:
+            continue
         pixels = torch.stack([prepared[k][0] for k in batch])
         labels = torch.stack([prepared[k][1] for k in batch])
         feats, masks = support_features(clip, pixels, labels, config)
         for j, key in enumerate(batch):
-            store.features[key] = (feats[j].float().cpu(), masks[j].cpu())
+            if key in wanted:
+                store.features[key] = (feats[j].float().cpu(), masks[j].cpu())
         stats.support_passes += len(batch)
         report("support", len(batch))

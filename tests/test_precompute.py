@@ -181,13 +181,13 @@ def test_bad_shard_and_missing_root(tmp_path, data_root, tiny_clip_dir):
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, data_root, tiny_clip_dir):
     reference = tmp_path / "reference.h5"
-    args = _base_args(data_root, tiny_clip_dir, reference, "--episodes", "24", "--chunk-images", "2",
-                      "--batch-size", "1")
+    args = _base_args(data_root, tiny_clip_dir, reference, "--episodes", "24", "--chunk-images", "3",
+                      "--batch-size", "2")
     assert _run_cli(args).exit_code == 0
 
     out = tmp_path / "killed.h5"
     cmd = [sys.executable, "-m", "clipprior.cli.main",
-           *_base_args(data_root, tiny_clip_dir, out, "--episodes", "24", "--chunk-images", "2", "--batch-size", "1")]
+           *_base_args(data_root, tiny_clip_dir, out, "--episodes", "24", "--chunk-images", "3", "--batch-size", "2")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parts = tmp_path / "killed.h5.parts"
