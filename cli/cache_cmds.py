@@ -93,7 +93,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     attrs = summary["attrs"]
     console.print(f"[bold]{summary['path']}[/]  {_human_bytes(summary['file_bytes'])}, kind {attrs.get('kind', '?')}"
                   + (f" {attrs['shard_index']}/{attrs['shard_count']}" if "shard_index" in attrs else ""),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
     table = Table(title="Provenance", title_justify="left", show_header=False)
     table.add_column("setting", style="cyan")
@@ -250,6 +250,8 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
     with _progress_bar("checking maps") as update:
         report = check_cache(cache, progress=update)
     problems = list(report.problems)
+    for note in report.notes:
+        console.print(f"[yellow]Note:[/] {note}", highlight=False, soft_wrap=True)
     if sample > 0:
         episodes = cache.episodes
         chosen = sorted(random.Random(seed).sample(episodes, min(sample, len(episodes))), key=lambda e: e.index)
@@ -258,7 +260,7 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
     summary = (f"{report.episodes:,} episodes, {report.vtp:,} VTP and {report.vvp:,} VVP entries"
                + (f", {sample} episodes recomputed" if sample > 0 else ""))
     if not problems:
-        console.print(f"[bold green]OK[/] {file}: {summary} present and finite.", highlight=False)
+        console.print(f"[bold green]OK[/] {file}: {summary} present and finite.", highlight=False, soft_wrap=True)
         return
     table = Table(title=f"{len(problems)} problem(s) in {file}", title_justify="left", show_header=False)
     table.add_column("problem", style="red", overflow="fold")
@@ -297,4 +299,4 @@ def merge_cmd(out: Path, shards: tuple[Path, ...], overwrite: bool, debug: bool)
         path = merge_caches(list(shards), out, overwrite=overwrite, progress=update)
     cache = PriorCache(path)
     console.print(f"[bold green]Merged[/] {len(shards)} shards into {path}: {len(cache.images):,} images, "
-                  f"{len(cache.vtp_keys()):,} VTP, {len(cache):,} episodes.", highlight=False)
+                  f"{len(cache.vtp_keys()):,} VTP, {len(cache):,} episodes.", highlight=False, soft_wrap=True)

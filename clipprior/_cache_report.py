@@ -191,12 +191,14 @@ class CheckReport:
         episodes: Episodes checked.
         vtp: VTP entries checked for finite values.
         vvp: VVP entries checked for finite values.
+        notes: What was not checked, and why (e.g. coverage of a shard).
     """
 
     problems: list[str] = field(default_factory=list)
     episodes: int = 0
     vtp: int = 0
     vvp: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -208,7 +210,8 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
     """Check that every entry the episode table needs is present, well-formed and finite.
 
     For each episode: the query image's size, the query's VTP for the episode class (raw and
-    refined) and the episode's VVP must be cached. Every map must hold only finite values inside
+    refined) and the episode's VVP must be cached (not for a shard, which holds only part of
+    them: see ``notes``). Every map must hold only finite values inside
     its grid, grids must fit the datasets, and the VVP channel count must be
     ``len(config.vvp_layers) * K``.
 
@@ -230,7 +233,11 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
     handle = cache._file
     index = cache._index
     report = CheckReport(episodes=len(cache.episodes))
-    for episode in cache.episodes:
+    shard = cache.attrs.get("shard_index"), cache.attrs.get("shard_count")
+    if shard[0] is not None:
+        report.notes.append(f"shard {shard[0]}/{shard[1]}: holds part of the episodes' entries; coverage is checked "
+                            "by `clipprior merge` (or verify the merged file)")
+    for episode in cache.episodes if shard[0] is None else ():
         if episode.query not in index.image_row:
             report.problems.append(f"episode {episode.index}: no image size for query {episode.query!r}")
         if (episode.query, episode.class_id) not in index.vtp_row:

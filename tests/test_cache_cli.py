@@ -151,6 +151,13 @@ def test_verify_checks_vvp_channels_against_config(runner: CliRunner, tmp_path: 
     assert "VVP has 2 channels; expected len(vvp_layers) x K = 3 x 1" in result.output
 
 
+def test_verify_shard_checks_values_not_coverage(runner: CliRunner, tmp_path: Path) -> None:
+    shard = run_job(tmp_path / "p.h5", shard=(0, 2))
+    result = runner.invoke(app, ["verify", str(shard)])
+    assert result.exit_code == 0, result.output
+    assert "shard 0/2" in result.output and "coverage is checked by `clipprior merge`" in result.output
+
+
 def test_verify_sample_calls_the_recompute_hook(runner: CliRunner, cache_file: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
