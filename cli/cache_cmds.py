@@ -176,6 +176,7 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
       clipprior inspect priors.h5 --json > priors-summary.json
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     cache = PriorCache(file)
+    click.get_current_context().call_on_close(cache.close)
     with _progress_bar("reading maps", quiet=as_json) as update:
         summary = summarize_cache(cache, max_entries=max_entries or None, progress=update)
     if as_json:
@@ -191,17 +192,16 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
                       data_root: Path | None, device: str, dtype: str, atol: float) -> list[str]:
     """Recompute the priors of some episodes with the model and compare them with the cache.
 
-    HOOK, to be filled in where ``precompute`` is wired (it needs the model loader, the data layer
-    and the prior functions): load ``model`` (default: ``cache.provenance["model"]``), read each
-    episode's images from ``data_root``, recompute the query VTP (raw and refined) and the VVP
-    with ``cache.config``, and compare with ``cache.vtp(...)`` / ``cache.vvp(...)`` within ``atol``
-    (the cache stores float16).
+    The model defaults to the one recorded in the cache; the data root is not recorded (it is
+    machine-specific) and must be given. Each episode's query VTP (raw and refined) and VVP are
+    recomputed with ``cache.config`` at the image's own geometry, as ``precompute`` does, and
+    compared with the cached float16 maps within ``atol``.
 
     Args:
         cache: The cache under test.
         episodes: The random sample of episodes to recompute.
         model: ``--model`` (``None``: the model recorded in the cache).
-        data_root: ``--data-root`` (``None``: the one recorded in the cache, if any).
+        data_root: ``--data-root`` (required).
         device: ``--device``.
         dtype: ``--dtype``.
         atol: Largest absolute difference accepted.
@@ -210,12 +210,45 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
         One line per mismatch (empty when every recomputed prior matches).
 
     Raises:
-        CacheError: until the hook is implemented.
+        CacheError: without ``--data-root``.
     """
-    raise CacheError(
-        "verify --sample (recomputing priors with the model) is not available in this build yet; "
-        "run with --sample 0 for the structural check"
-    )
+    from types import SimpleNamespace
+
+    from clipprior.data import load_label, load_rgb, prompt_names
+    from clipprior.model import load_clip
+    from clipprior.precompute import recompute_episode
+
+    if data_root is None:
+        raise CacheError("verify --sample needs --data-root: the dataset root is not stored in the cache")
+    prov = cache.provenance
+    clip = load_clip(model or prov["model"], device=device, dtype=dtype)
+    if model is None and clip.checksum != prov.get("weights_sha256"):
+        console.print("[yellow]Note:[/] the weights' checksum differs from the cache's", highlight=False)
+    root = Path(data_root)
+    dataset = SimpleNamespace(load_image=lambda key: load_rgb(root / key),
+                              load_label=lambda key: load_label(root / key))
+    names = prompt_names(prov["dataset"])
+    problems = []
+    for record in episodes:
+        episode = SimpleNamespace(query_image=record.query, query_label=record.query_label,
+                                  class_id=record.class_id,
+                                  supports=tuple(zip(record.supports, record.support_labels, strict=True)))
+        fresh = recompute_episode(clip, dataset, episode, class_names=names, config=cache.config)
+        checks = {
+            "VTP raw": (cache.vtp(record.query, record.class_id, refined=False), fresh.cam),
+            "VTP refined": (cache.vtp(record.query, record.class_id, refined=True), fresh.refined),
+            "VVP": (cache.vvp(record.index), fresh.vvp),
+        }
+        for what, (cached, computed) in checks.items():
+            if computed is None or tuple(cached.shape) != tuple(computed.shape):
+                problems.append(f"episode {record.index}: {what} has shape {tuple(cached.shape)}, recomputed "
+                                f"{None if computed is None else tuple(computed.shape)}")
+                continue
+            error = float((cached.float() - computed.float().cpu()).abs().max())
+            if not error <= atol:
+                problems.append(f"episode {record.index}: {what} differs from a fresh computation by {error:.3g} "
+                                f"(> --atol {atol:g})")
+    return problems
 
 
 @click.command("verify", context_settings=_CONTEXT)
@@ -247,6 +280,7 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
       clipprior verify priors.h5 --sample 20 --data-root ~/data/VOC2012
     """  # noqa: D301 - click needs a real \b (backspace)
     cache = PriorCache(file)
+    click.get_current_context().call_on_close(cache.close)
     with _progress_bar("checking maps") as update:
         report = check_cache(cache, progress=update)
     problems = list(report.problems)
@@ -298,5 +332,6 @@ def merge_cmd(out: Path, shards: tuple[Path, ...], overwrite: bool, debug: bool)
     with _progress_bar("merging") as update:
         path = merge_caches(list(shards), out, overwrite=overwrite, progress=update)
     cache = PriorCache(path)
+    click.get_current_context().call_on_close(cache.close)
     console.print(f"[bold green]Merged[/] {len(shards)} shards into {path}: {len(cache.images):,} images, "
                   f"{len(cache.vtp_keys()):,} VTP, {len(cache):,} episodes.", highlight=False, soft_wrap=True)

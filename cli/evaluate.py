@@ -406,6 +406,7 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
         results: list[FoldResult] = []
         for path in caches:
             cache = PriorCache(path)
+            click.get_current_context().call_on_close(cache.close)
             root = resolve_data_root(data_root, cache_facts(cache))
             total = min(len(cache), limit) if limit else len(cache)
             with _progress(path.name) as progress:
@@ -441,6 +442,8 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
     if not caches and model is None:
         raise click.UsageError("the clip-es protocol needs a CACHE or --model to compute the CAMs with")
     cache = PriorCache(caches[0]) if caches else None
+    if cache is not None:
+        click.get_current_context().call_on_close(cache.close)
     facts = cache_facts(cache) if cache is not None else None
     name = dataset_name(dataset or (facts.dataset if facts and facts.dataset else "pascal5i"))
     if data_root is None and (facts is None or not facts.data_root):

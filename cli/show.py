@@ -72,6 +72,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
       clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes :100 --html report/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     cache = PriorCache(cache_path)
+    click.get_current_context().call_on_close(cache.close)
     facts = cache_facts(cache)
     root = resolve_data_root(data_root, facts)
     records = {e.index: e for e in cache.episodes}

@@ -38,9 +38,11 @@ from clipprior.errors import InvalidInputError
 from clipprior.model import ClipBundle
 from clipprior.preprocess import normalize, resize_to_patch_multiple
 from clipprior.priors import (
+    EpisodePriors,
     TextFeatures,
     _prepare_support,
     _vtp_pass,
+    compute_priors,
     encode_text,
     layer_features,
     pir,
@@ -55,6 +57,7 @@ __all__ = [
     "build_provenance",
     "episode_records",
     "plan_work",
+    "recompute_episode",
     "run_precompute",
 ]
 
@@ -451,3 +454,33 @@ def _run_supports(
                 store.features[key] = (feats[j].float().cpu(), masks[j].cpu())
         stats.support_passes += len(batch)
         report("support", len(batch))
+
+
+def recompute_episode(
+    clip: ClipBundle, dataset: _Dataset, episode: Any, *, class_names: Sequence[str], config: PriorConfig,
+) -> EpisodePriors:
+    """The priors of one episode computed directly, as the engine computes them for the cache.
+
+    Used by ``clipprior verify --sample`` to check cached entries against a fresh computation.
+
+    Args:
+        clip: The loaded CLIP.
+        dataset: Loads images and labels by id.
+        episode: Object with ``query_image``, ``query_label``, ``class_id``, ``supports``.
+        class_names: Prompt name of class id c at index c - 1.
+        config: The cache's config.
+
+    Returns:
+        :class:`~clipprior.priors.EpisodePriors` on the query's patch grid.
+    """
+    class_id = int(episode.class_id)
+    query = dataset.load_image(episode.query_image)
+    context: list[str] = []
+    if config.text_classes == "present":
+        context = _present_names(dataset.load_label(episode.query_label), class_id, class_names)
+    supports, masks = [], []
+    for image, label in episode.supports:
+        supports.append(dataset.load_image(image))
+        raw = dataset.load_label(label)
+        masks.append(np.where(raw == class_id, 1, np.where(raw == 255, 255, 0)).astype(np.uint8))
+    return compute_priors(clip, query, class_names[class_id - 1], supports, masks, context=context, config=config)

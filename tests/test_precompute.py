@@ -219,3 +219,20 @@ def test_half_precision_models_run(tmp_path, data_root, tiny_clip_dir, dtype):
     cache = PriorCache(out)
     for key, cls in cache.vtp_keys():
         assert torch.isfinite(cache.vtp(key, cls)).all()
+
+
+def test_verify_sample_recomputes_and_catches_tampering(tmp_path, data_root, tiny_clip_dir):
+    out = tmp_path / "p.h5"
+    assert _run_cli(_base_args(data_root, tiny_clip_dir, out, "--text-classes", "present")).exit_code == 0
+    ok = CliRunner().invoke(app, ["verify", str(out), "--sample", "4", "--data-root", str(data_root),
+                                  "--device", "cpu"])
+    assert ok.exit_code == 0, ok.output
+    assert "4 episodes recomputed" in " ".join(ok.output.split())
+    no_root = CliRunner().invoke(app, ["verify", str(out), "--sample", "1"])
+    assert no_root.exit_code == 1 and "--data-root" in no_root.output
+    with h5py.File(out, "r+") as handle:
+        handle["vvp/maps"][...] = 0.5
+    bad = CliRunner().invoke(app, ["verify", str(out), "--sample", "12", "--data-root", str(data_root),
+                                   "--device", "cpu"])
+    assert bad.exit_code == 1
+    assert "VVP differs from a fresh computation" in " ".join(bad.output.split())
