@@ -1,5 +1,9 @@
 """clipprior: the CLIP prior maps of PI-CLIP (VTP, VVP, PIR) for few-shot segmentation.
 
+The public API is re-exported here. Only the light modules (config, errors) load on
+``import clipprior``; the others (torch, transformers, h5py) load on first use of one of their
+names, so a training loop that only reads cached priors never imports transformers.
+
 Example:
     >>> import clipprior
     >>> clipprior.get_preset("official").text_classes
@@ -8,21 +12,10 @@ Example:
 
 from __future__ import annotations
 
-from clipprior.cache import CacheWriter, EpisodeRecord, PriorCache, letterbox_prior, merge_caches, resize_prior
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from clipprior.config import PRESETS, PriorConfig, get_preset, list_presets
-from clipprior.data import (
-    COCO_CLASSES,
-    PASCAL_CLASSES,
-    Episode,
-    EpisodeMeta,
-    FSSDataset,
-    fold_classes,
-    open_dataset,
-    prompt_names,
-    read_episodes,
-    sample_episodes,
-    write_episodes,
-)
 from clipprior.errors import (
     CacheError,
     CacheKeyError,
@@ -35,42 +28,139 @@ from clipprior.errors import (
     ModelLoadError,
     WeightsNotFoundError,
 )
-from clipprior.evaluate import ClipEsMeter, PriorMeter, PriorScores, average_precision, binary_iou, vvp_map
-from clipprior.model import DEFAULT_MODEL, ClipBundle, load_clip
-from clipprior.photos import list_photos, load_photo
-from clipprior.preprocess import preprocess_query, to_rgb_array
-from clipprior.priors import (
-    EpisodePriors,
-    PIRResult,
-    TextFeatures,
-    VTPResult,
-    box_mask,
-    compute_priors,
-    encode_text,
-    pir,
-    vtp,
-    vvp,
-)
-from clipprior.viz import episode_panel, write_html_index
+
+if TYPE_CHECKING:
+    from clipprior.cache import (
+        CacheWriter,
+        EpisodeRecord,
+        PriorCache,
+        letterbox_prior,
+        merge_caches,
+        resize_prior,
+    )
+    from clipprior.data import (
+        COCO_CLASSES,
+        PASCAL_CLASSES,
+        Episode,
+        EpisodeMeta,
+        FSSDataset,
+        fold_classes,
+        open_dataset,
+        prompt_names,
+        read_episodes,
+        sample_episodes,
+        write_episodes,
+    )
+    from clipprior.evaluate import (
+        ClipEsMeter,
+        PriorMeter,
+        PriorScores,
+        average_precision,
+        binary_iou,
+        vvp_map,
+    )
+    from clipprior.model import (
+        DEFAULT_MODEL,
+        ClipBundle,
+        load_clip,
+    )
+    from clipprior.photos import (
+        list_photos,
+        load_photo,
+    )
+    from clipprior.preprocess import (
+        preprocess_query,
+        to_rgb_array,
+    )
+    from clipprior.priors import (
+        EpisodePriors,
+        PIRResult,
+        TextFeatures,
+        VTPResult,
+        box_mask,
+        compute_priors,
+        encode_text,
+        pir,
+        vtp,
+        vvp,
+    )
+    from clipprior.viz import (
+        episode_panel,
+        write_html_index,
+    )
 
 __version__ = "0.1.0"
 
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY: dict[str, str] = {
+    "COCO_CLASSES": "clipprior.data",
+    "CacheWriter": "clipprior.cache",
+    "ClipBundle": "clipprior.model",
+    "ClipEsMeter": "clipprior.evaluate",
+    "DEFAULT_MODEL": "clipprior.model",
+    "Episode": "clipprior.data",
+    "EpisodeMeta": "clipprior.data",
+    "EpisodePriors": "clipprior.priors",
+    "EpisodeRecord": "clipprior.cache",
+    "FSSDataset": "clipprior.data",
+    "PASCAL_CLASSES": "clipprior.data",
+    "PIRResult": "clipprior.priors",
+    "PriorCache": "clipprior.cache",
+    "PriorMeter": "clipprior.evaluate",
+    "PriorScores": "clipprior.evaluate",
+    "TextFeatures": "clipprior.priors",
+    "VTPResult": "clipprior.priors",
+    "average_precision": "clipprior.evaluate",
+    "binary_iou": "clipprior.evaluate",
+    "box_mask": "clipprior.priors",
+    "compute_priors": "clipprior.priors",
+    "encode_text": "clipprior.priors",
+    "episode_panel": "clipprior.viz",
+    "fold_classes": "clipprior.data",
+    "letterbox_prior": "clipprior.cache",
+    "list_photos": "clipprior.photos",
+    "load_clip": "clipprior.model",
+    "load_photo": "clipprior.photos",
+    "merge_caches": "clipprior.cache",
+    "open_dataset": "clipprior.data",
+    "pir": "clipprior.priors",
+    "preprocess_query": "clipprior.preprocess",
+    "prompt_names": "clipprior.data",
+    "read_episodes": "clipprior.data",
+    "resize_prior": "clipprior.cache",
+    "sample_episodes": "clipprior.data",
+    "to_rgb_array": "clipprior.preprocess",
+    "vtp": "clipprior.priors",
+    "vvp": "clipprior.priors",
+    "vvp_map": "clipprior.evaluate",
+    "write_episodes": "clipprior.data",
+    "write_html_index": "clipprior.viz",
+}
+
 __all__ = [
+    "COCO_CLASSES",
     "DEFAULT_MODEL",
+    "PASCAL_CLASSES",
     "PRESETS",
     "CacheError",
     "CacheKeyError",
     "CacheMismatchError",
+    "CacheWriter",
     "ClipBundle",
     "ClipEsMeter",
     "ClipPriorError",
     "ConfigError",
     "DataNotFoundError",
     "DatasetError",
+    "Episode",
+    "EpisodeMeta",
     "EpisodePriors",
+    "EpisodeRecord",
+    "FSSDataset",
     "InvalidInputError",
     "ModelLoadError",
     "PIRResult",
+    "PriorCache",
     "PriorConfig",
     "PriorMeter",
     "PriorScores",
@@ -84,39 +174,39 @@ __all__ = [
     "compute_priors",
     "encode_text",
     "episode_panel",
+    "fold_classes",
     "get_preset",
+    "letterbox_prior",
     "list_photos",
     "list_presets",
     "load_clip",
     "load_photo",
+    "merge_caches",
+    "open_dataset",
     "pir",
     "preprocess_query",
+    "prompt_names",
+    "read_episodes",
+    "resize_prior",
+    "sample_episodes",
     "to_rgb_array",
     "vtp",
     "vvp",
     "vvp_map",
+    "write_episodes",
     "write_html_index",
 ]
 
-__all__ += [
-    "CacheWriter",
-    "EpisodeRecord",
-    "PriorCache",
-    "letterbox_prior",
-    "merge_caches",
-    "resize_prior",
-]
 
-__all__ += [
-    "COCO_CLASSES",
-    "PASCAL_CLASSES",
-    "Episode",
-    "EpisodeMeta",
-    "FSSDataset",
-    "fold_classes",
-    "open_dataset",
-    "prompt_names",
-    "read_episodes",
-    "sample_episodes",
-    "write_episodes",
-]
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipprior' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
