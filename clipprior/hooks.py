@@ -95,6 +95,7 @@ class AttentionRecorder(_HookSet):
         self._queries: dict[int, torch.Tensor] = {}
         self._sum: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.count = 0
 
     def __enter__(self) -> AttentionRecorder:
@@ -120,22 +121,33 @@ class AttentionRecorder(_HookSet):
 
         return hook
 
+    def _scratch(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reusable (heads, T, T) float32 buffers: scores and probabilities of one image."""
+        if self._buffers is None or self._buffers[0].shape != shape or self._buffers[0].device != device:
+            self._buffers = (torch.empty(shape, device=device), torch.empty(shape, device=device))
+        return self._buffers
+
     def _accumulate(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        # One image at a time into two reused buffers: a (B, heads, T, T) temporary would be
+        # 28 MB per image at 768 patches, freshly allocated (and page-faulted) three times a layer.
         batch, tokens, width = query.shape
-        head_dim = width // self.num_heads
+        heads = self.num_heads
+        head_dim = width // heads
         with torch.no_grad():
-            q = query.float().view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
-            k = key.float().view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * head_dim**-0.5, dim=-1).mean(dim=1)
             if self._sum is None:
-                self._sum = probs
-            elif self._sum.shape[0] == batch:
-                self._sum = self._sum + probs
-            else:
+                self._sum = torch.zeros(batch, tokens, tokens, device=query.device)
+            elif self._sum.shape[0] != batch:
                 raise RuntimeError(
                     f"AttentionRecorder saw batches of {self._sum.shape[0]} and {batch} rows; "
                     f"use take_rows() before a layer runs on a different batch"
                 )
+            q = (query.float() * head_dim**-0.5).view(batch, tokens, heads, head_dim).transpose(1, 2).contiguous()
+            k_t = key.float().view(batch, tokens, heads, head_dim).permute(0, 2, 3, 1).contiguous()
+            scores, probs = self._scratch((heads, tokens, tokens), query.device)
+            for b in range(batch):
+                torch.bmm(q[b], k_t[b], out=scores)
+                torch.softmax(scores, dim=-1, out=probs)
+                self._sum[b].add_(probs.sum(dim=0), alpha=1.0 / heads)
         self.count += 1
 
     def take_rows(self, index: torch.Tensor) -> None:
