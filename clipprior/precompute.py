@@ -45,9 +45,9 @@ from clipprior.priors import (
     compute_priors,
     encode_text,
     layer_features,
+    minmax_normalize,
     pir,
     support_features,
-    vvp_from_features,
 )
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[str, int], None]
+_QueryFeatures = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]  # (L, n, D) features, (L, n) norms, grid
 
 
 class _Dataset(Protocol):
@@ -227,14 +228,50 @@ def build_provenance(
     return prov
 
 
+@dataclass(frozen=True)
+class _Cells:
+    """A support's features on its foreground cells: what the cosine-max of VVP reads.
+
+    Cells outside the mask carry zeroed features in :func:`~clipprior.priors.vvp_from_features`,
+    whose cosine with any query patch is 0; keeping only the foreground cells and clamping the
+    maximum at 0 when such cells exist gives the same maps with a fraction of the memory and work.
+
+    Attributes:
+        features: (L, f, D) float32 features of the f foreground cells.
+        norms: (L, f) their L2 norms.
+        has_background: Whether some cell of the grid lies outside the mask.
+    """
+
+    features: torch.Tensor
+    norms: torch.Tensor
+    has_background: bool
+
+    @classmethod
+    def from_grid(cls, features: torch.Tensor, mask: torch.Tensor) -> _Cells:
+        """(L, m, D) features and (m,) bool mask of the support's grid -> its foreground cells."""
+        mask = mask.bool()
+        cells = features.float()[:, mask].contiguous()
+        return cls(cells, cells.norm(dim=-1), bool((~mask).any()))
+
+
+def _best_match(query: torch.Tensor, query_norms: torch.Tensor, cells: _Cells, eps: float) -> torch.Tensor:
+    """Per query patch, the best cosine among a support's cells: (L, n, D), (L, n) -> (L, n)."""
+    if cells.features.shape[1] == 0:
+        return torch.zeros(query_norms.shape)
+    sim = torch.bmm(query, cells.features.transpose(1, 2))
+    sim.div_(query_norms[:, :, None] * cells.norms[:, None, :] + eps)
+    best = sim.amax(dim=-1)
+    return best.clamp_min(0.0) if cells.has_background else best
+
+
 class _SupportStore:
-    """Support features kept while episodes still need them (reference counted)."""
+    """Support features (foreground cells) kept while episodes still need them (reference counted)."""
 
     def __init__(self, uses: dict[tuple[str, str, int], int]) -> None:
         self.remaining = dict(uses)
-        self.features: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.features: dict[tuple[str, str, int], _Cells] = {}
 
-    def take(self, key: tuple[str, str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, key: tuple[str, str, int]) -> _Cells:
         value = self.features[key]
         self.remaining[key] -= 1
         if self.remaining[key] <= 0:
@@ -352,32 +389,35 @@ def run_precompute(
     return stats
 
 
-def _episode_vvp(episode: Any, query_features: dict[str, tuple[torch.Tensor, tuple[int, int]]],
-                 store: _SupportStore, config: PriorConfig) -> np.ndarray:
-    """(L*K, h, w) VVP of one episode, layer-major, from cached query and support features."""
-    feats, grid = query_features[episode.query_image]
+def _episode_vvp(episode: Any, query_features: dict[str, _QueryFeatures], store: _SupportStore,
+                 config: PriorConfig) -> np.ndarray:
+    """(L*K, h, w) VVP of one episode, layer-major, from cached query and support features.
+
+    The same maps as :func:`~clipprior.priors.vvp_from_features`, computed on the supports'
+    foreground cells only (see :class:`_Cells`).
+    """
+    feats, norms, grid = query_features[episode.query_image]
     maps = []
     for image, label in episode.supports:
-        sf, sm = store.take((image, label, int(episode.class_id)))
-        maps.append(vvp_from_features(feats[None], sf[None, None], sm[None, None], grid,
-                                      eps=config.vvp_eps, normalize_maps=config.vvp_normalize))
-    layers, shots = len(config.vvp_layers), len(episode.supports)
-    stacked = torch.cat(maps, dim=1).reshape(shots, layers, *grid).transpose(0, 1)
-    return stacked.reshape(layers * shots, *grid).numpy().astype(np.float32)
+        cells = store.take((image, label, int(episode.class_id)))
+        best = _best_match(feats, norms, cells, config.vvp_eps).reshape(-1, *grid)
+        maps.append(minmax_normalize(best, config.vvp_eps) if config.vvp_normalize else best)
+    stacked = torch.stack(maps, dim=1)  # (L, K, h, w): layer-major, shots inner
+    return stacked.reshape(-1, *grid).numpy().astype(np.float32)
 
 
 def _run_queries(
     clip: ClipBundle, dataset: _Dataset, chunk: list[QueryWork], needs_features: set[str], writer: _Writer,
     text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
     report: ProgressFn,
-) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
+) -> dict[str, _QueryFeatures]:
     """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
 
     Every batch runs whole, with every class of each of its images, so its numbers do not depend on
     what an interrupted run had already written.
 
     Returns:
-        The VVP features (L, n, D) and grid of each image in ``needs_features``.
+        The VVP features (L, n, D), their norms (L, n) and the grid of each image in ``needs_features``.
     """
     patch = clip.patch_size
     reuse = config.vvp_pixel_norm == "clip"
@@ -386,7 +426,7 @@ def _run_queries(
         rgb = dataset.load_image(work.image)
         label = dataset.load_label(work.label)
         prepared[work.image] = (rgb, label, resize_to_patch_multiple(rgb, patch, config.vtp_resample))
-    features: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+    features: dict[str, _QueryFeatures] = {}
     for batch in _batches(chunk, lambda q: prepared[q.image][2].shape[:2], batch_size):
         missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
         if not missing and not any(q.image in needs_features for q in batch):
@@ -421,7 +461,8 @@ def _run_queries(
             else:
                 qpix = normalize(prepared[work.image][2], config.vvp_pixel_norm)[None]
                 feats = layer_features(clip, qpix, config.vvp_layers, config)[0]
-            features[work.image] = (feats.float().cpu(), grid)
+            feats = feats.float().cpu()
+            features[work.image] = (feats, feats.norm(dim=-1), grid)
         report("query", len(batch))
     return features
 
@@ -451,7 +492,7 @@ def _run_supports(
         feats, masks = support_features(clip, pixels, labels, config)
         for j, key in enumerate(batch):
             if key in wanted:
-                store.features[key] = (feats[j].float().cpu(), masks[j].cpu())
+                store.features[key] = _Cells.from_grid(feats[j].cpu(), masks[j].cpu())
         stats.support_passes += len(batch)
         report("support", len(batch))
 
