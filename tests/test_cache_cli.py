@@ -189,10 +189,11 @@ def test_verify_sample_calls_the_recompute_hook(runner: CliRunner, cache_file: P
     assert runner.invoke(app, ["verify", str(cache_file)]).exit_code == 0
 
 
-def test_verify_sample_before_the_hook_is_wired(runner: CliRunner, cache_file: Path) -> None:
+def test_verify_sample_needs_the_data_root(runner: CliRunner, cache_file: Path) -> None:
+    # Recomputation itself is tested end to end in tests/test_precompute.py.
     result = runner.invoke(app, ["verify", str(cache_file), "--sample", "2"])
     assert result.exit_code == 1
-    assert "not available in this build yet" in result.output and "Traceback" not in result.output
+    assert "--data-root" in result.output and "Traceback" not in result.output
 
 
 def test_merge_command(runner: CliRunner, tmp_path: Path, cache_file: Path) -> None:
