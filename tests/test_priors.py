@@ -110,6 +110,40 @@ def test_vvp_shapes(clip: ClipBundle, shots: int, query_size: tuple[int, int], s
     assert three.shape[1] == 3 * shots
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_batch_sizes(clip: ClipBundle, text, batch: int) -> None:
+    pixels = pixels_of(rgb_images(batch, 48, 64, seed=20))
+    classes = [NAMES[i % len(NAMES)] for i in range(batch)]
+    out = vtp(clip, pixels, classes, text=text, return_attention=True)
+    assert out.cam.shape == (batch, 3, 4) and out.attention.shape == (batch, 12, 12)
+    assert out.image_index.tolist() == list(range(batch))
+    sup, labels = support_batch(batch, 2, 48)
+    assert vvp(clip, pixels, sup, labels).shape == (batch, 4, 3, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(clip: ClipBundle, text) -> None:
+    from clipprior.hooks import count_hooks
+
+    gpu = ClipBundle(copy.deepcopy(clip.model).to("cuda"), clip.tokenizer, clip.source, clip.checksum)
+    pixels = pixels_of(rgb_images(2, 64, 96, seed=21))
+    sup, labels = support_batch(2, 2)
+    cpu_out = vtp(clip, pixels, NAMES[:2], text=text, return_attention=True)
+    gpu_out = vtp(gpu, pixels.cuda(), NAMES[:2], return_attention=True)
+    assert gpu_out.cam.device.type == "cuda" and gpu_out.cam.dtype == torch.float32
+    # cuDNN convolutions use TF32 by default (10-bit mantissa, like float16): the float16 bounds apply.
+    u = ULP[torch.float16]
+    torch.testing.assert_close(gpu_out.cam.cpu(), cpu_out.cam, atol=BOUNDS_IN_U["cam"] * u, rtol=0)
+    torch.testing.assert_close(gpu_out.attention.cpu(), cpu_out.attention, atol=BOUNDS_IN_U["attention"] * u, rtol=0)
+    refined = pir(gpu_out.cam, gpu_out.attention, output_size=(64, 96)).refined
+    assert refined.device.type == "cuda"
+    torch.testing.assert_close(refined.cpu(), pir(cpu_out.cam, cpu_out.attention, output_size=(64, 96)).refined,
+                               atol=BOUNDS_IN_U["refined"] * u, rtol=0)
+    torch.testing.assert_close(vvp(gpu, pixels.cuda(), sup.cuda(), labels.cuda()).cpu(),
+                               vvp(clip, pixels, sup, labels), atol=BOUNDS_IN_U["vvp"] * u, rtol=0)
+    assert count_hooks(gpu.model) == 0 and all(p.grad is None for p in gpu.model.parameters())
+
+
 # ----------------------------------------------------------------------------------------------
 # dtypes
 
