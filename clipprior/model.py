@@ -216,6 +216,27 @@ def _offline_env() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_unreachable() -> bool:
+    """Whether the hub's host name does not even resolve (no network): then only the cache can serve.
+
+    Without this check huggingface_hub retries each request for tens of seconds before failing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except (ImportError, AttributeError):
+        host = "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _hub_offline(offline: bool) -> Iterator[None]:
     """Put huggingface_hub in offline mode for the block when ``offline``.
@@ -240,8 +261,9 @@ def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool
     CLIPModel, CLIPTokenizer, str
 ]:
     kwargs: dict[str, object] = {"attn_implementation": attn_implementation}
-    if local_files_only is None and _offline_env():
-        # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a value set later too.
+    if local_files_only is None and (_offline_env() or _hub_unreachable()):
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a value set later too,
+        # and do not spend retries on a hub whose name does not resolve.
         local_files_only = True
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only

@@ -338,6 +338,17 @@ def test_local_files_only_never_touches_the_network(monkeypatch: pytest.MonkeyPa
     assert no_network == []
 
 
+def test_unresolvable_hub_fails_at_once_without_retrying(monkeypatch: pytest.MonkeyPatch,
+                                                         no_network: list[tuple[object, ...]]) -> None:
+    # No env flag: the only sign of being offline is that the hub's name does not resolve. The one
+    # allowed attempt is that name lookup; nothing connects or retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        load_clip("clipprior-tests/no-such-clip", device="cpu")
+    assert len(no_network) == 1 and "huggingface" in str(no_network[0][0])
+
+
 def _write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
