@@ -527,11 +527,14 @@ def pir(
     cam32 = cam.float()
     d = sinkhorn(attention.float(), config.pir_sinkhorn_iters)
     r = torch.maximum(d, d @ d.transpose(-1, -2))
-    if config.pir_square:
-        r = r @ r
     b = box_mask(cam32, config.pir_box_threshold) if mask is None else mask.bool()
-    r = r * b.reshape(-1, 1, n).to(r.dtype)
-    refined_grid = (r @ cam32.reshape(-1, n, 1)).reshape(cam.shape)
+    # Zeroing R's columns outside B and multiplying by the CAM is R @ (B * cam); with the squaring,
+    # (R R) @ v = R @ (R @ v): two matrix-vector products instead of an n^3 product (as row sums,
+    # which do not depend on the batch size the way bmm's blocking does).
+    refined_grid = (r * (cam32.reshape(-1, 1, n) * b.reshape(-1, 1, n).to(r.dtype))).sum(dim=-1)
+    if config.pir_square:
+        refined_grid = (r * refined_grid[:, None, :]).sum(dim=-1)
+    refined_grid = refined_grid.reshape(cam.shape)
     refined = minmax_normalize(refined_grid, config.cam_eps)
     if output_size is not None:
         refined = resize_maps(refined, output_size)
