@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from clipprior.errors import ClipPriorError
@@ -97,3 +107,28 @@ class RateColumn(ProgressColumn):
         """Render the task's speed."""
         speed = task.finished_speed or task.speed
         return Text("" if speed is None else f"{speed:,.2f}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(description: str, *, quiet: bool = False, transient: bool = False
+                 ) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (count, rate, elapsed, ETA) on stderr, driven by ``update(done, total)``.
+
+    Args:
+        description: Label of the bar.
+        quiet: Draw nothing (e.g. when the command prints JSON).
+        transient: Remove the bar when done.
+
+    Example:
+        >>> with progress_bar("reading", quiet=True) as update:
+        ...     update(1, 2)
+    """
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=transient, disable=quiet) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

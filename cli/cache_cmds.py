@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import random
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from clipprior.cli._common import console, debug_option, device_option, dtype_option, err_console, handle_errors
-from rich import box
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
+from clipprior.cli._common import (
+    console,
+    debug_option,
+    device_option,
+    dtype_option,
+    err_console,
+    handle_errors,
+    progress_bar,
 )
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -37,28 +34,6 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
 # ------------------------------------------------------------------------------------------ helpers
 
 
-class _RateColumn(ProgressColumn):
-    """Entries per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- entries/s" if speed is None else f"{speed:,.0f} entries/s", style="progress.data.speed")
-
-
-@contextmanager
-def _progress_bar(description: str, *, quiet: bool = False) -> Iterator[Any]:
-    """A rich progress bar (count, rate, ETA) on stderr; yields ``update(done, total)``."""
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        _RateColumn(), TimeRemainingColumn(), console=err_console, transient=False, disable=quiet,
-    )
-    with progress:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
 
 
 def _human_bytes(n: int | None) -> str:
@@ -177,7 +152,7 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
     cache = PriorCache(file)
     click.get_current_context().call_on_close(cache.close)
-    with _progress_bar("reading maps", quiet=as_json) as update:
+    with progress_bar("reading maps", quiet=as_json) as update:
         summary = summarize_cache(cache, max_entries=max_entries or None, progress=update)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -281,7 +256,7 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
     """  # noqa: D301 - click needs a real \b (backspace)
     cache = PriorCache(file)
     click.get_current_context().call_on_close(cache.close)
-    with _progress_bar("checking maps") as update:
+    with progress_bar("checking maps") as update:
         report = check_cache(cache, progress=update)
     problems = list(report.problems)
     for note in report.notes:
@@ -329,7 +304,7 @@ def merge_cmd(out: Path, shards: tuple[Path, ...], overwrite: bool, debug: bool)
       clipprior merge priors.h5 priors.shard-*-of-4.h5
       clipprior merge priors.h5 priors.shard-0-of-2.h5 priors.shard-1-of-2.h5 --overwrite
     """  # noqa: D301 - click needs a real \b (backspace)
-    with _progress_bar("merging") as update:
+    with progress_bar("merging") as update:
         path = merge_caches(list(shards), out, overwrite=overwrite, progress=update)
     cache = PriorCache(path)
     click.get_current_context().call_on_close(cache.close)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-from clipprior.cli._common import RateColumn, console, debug_option, handle_errors
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from clipprior.cli._common import console, debug_option, handle_errors, progress_bar
 from rich.table import Table
 
 from clipprior.errors import InvalidInputError
@@ -29,18 +27,6 @@ def _keep_examples(command: click.Command) -> click.Command:
     return command
 
 
-@contextmanager
-def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by ``progress(done, total)`` callbacks."""
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def _parse_folds(text: str) -> list[int]:
@@ -126,7 +112,7 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
         table.add_column(column)
     for split in dict.fromkeys(splits):
         base = val_base_list if split == "val" else train_base_list
-        with _progress(f"{split} masks") as progress:
+        with progress_bar(f"{split} masks") as progress:
             built = build_fss_lists(dataset, root, split, fold_list, coco_split, base_list=base, on_error=on_error,
                                     report=report, progress=progress)
         for fold, fss in built.items():
@@ -174,7 +160,7 @@ def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | 
     reports = []
     for split in dict.fromkeys(splits):
         for fold in _parse_folds(folds):
-            with _progress(f"{split} fold {fold}") as progress:
+            with progress_bar(f"{split} fold {fold}") as progress:
                 ds = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                                   on_error="skip", verify=decode, progress=progress)
             per_class = ", ".join(f"{c}:{len(ds.class_index[c])}" for c in ds.classes)
@@ -225,7 +211,7 @@ def episodes_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path
 
     count = n_episodes or default_episodes(dataset)
     out = out or Path(f"episodes-{dataset}-fold{fold}-{split}-{shot}shot-seed{seed}.jsonl")
-    with _progress("masks") as progress:
+    with progress_bar("masks") as progress:
         ds = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                           on_error=on_error, progress=progress)
     episodes = sample_episodes(ds, count, shot=shot, seed=seed)
@@ -262,7 +248,7 @@ def coco_to_masks(annotations: Path, out: Path, crowd: str, keep_empty: bool, ov
     """
     from clipprior.data import coco_to_masks as convert
 
-    with _progress("images") as progress:
+    with progress_bar("images") as progress:
         stats = convert(annotations, out, crowd=crowd, keep_empty=keep_empty, overwrite=overwrite, progress=progress)
     console.print(f"[green]wrote[/] {stats.written} masks to {stats.out_dir} ({stats.images} images, "
                   f"{stats.empty} without annotations, {stats.existing} kept, {stats.annotations} annotations)")
