@@ -27,7 +27,7 @@ browser:
 	fi
 
 test: setup browser
-	$(BIN)/ruff check clipprior cli tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup
