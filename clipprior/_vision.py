@@ -17,7 +17,7 @@ from torch import nn
 
 from clipprior.errors import InvalidInputError
 
-__all__ = ["embed", "patch_grid", "position_embedding", "run_layer", "vision_layers"]
+__all__ = ["embed", "patch_grid", "position_embedding", "run_layer", "run_layer_rows", "vision_layers"]
 
 
 def patch_grid(vision_config: object, height: int, width: int) -> tuple[int, int]:
@@ -80,3 +80,26 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     legacy = _needs_causal_mask_arg(type(layer))
     out = layer(hidden, None, None) if legacy else layer(hidden, attention_mask=None)
     return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer_rows(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One ``CLIPEncoderLayer`` for some tokens only: (1, T, D) + (R,) token indices -> (1, R, D).
+
+    Keys and values come from every token, as in the full layer; the queries, the attention
+    output, the MLP and the residuals only for ``rows``. The layer's own modules do the work
+    (``layer_norm1``, the attention's projections, ``layer_norm2``, ``mlp``) with sdpa attention
+    at the layer's scale, so the rows equal those of :func:`run_layer` up to float rounding.
+    """
+    attn = layer.self_attn
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    normed = layer.layer_norm1(hidden)
+    picked = normed.index_select(1, rows)
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(attn.q_proj(picked)), split(attn.k_proj(normed)),
+                                         split(attn.v_proj(normed)), scale=float(attn.scale))
+    out = attn.out_proj(out.transpose(1, 2).reshape(picked.shape[0], picked.shape[1], -1))
+    out = hidden.index_select(1, rows) + out
+    return out + layer.mlp(layer.layer_norm2(out))

@@ -499,7 +499,7 @@ def _run_supports(
         pixels = torch.stack([p[0] for p in prepared])
         labels = torch.stack([p[1] for p in prepared])
         del prepared
-        feats, masks = support_features(clip, pixels, labels, config)
+        feats, masks = support_features(clip, pixels, labels, config, foreground_only=True)
         for j, key in enumerate(batch):
             if key in wanted:
                 store.features[key] = _Cells.from_grid(feats[j].cpu(), masks[j].cpu())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from clipprior._vision import embed, patch_grid, run_layer, vision_layers
+from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
 from clipprior.hooks import ActivationRecorder, AttentionRecorder
@@ -253,7 +253,7 @@ def _prepare_pixels(clip: ClipBundle, pixel_values: torch.Tensor, name: str = "p
 
 
 def layer_features(clip: ClipBundle, pixel_values: torch.Tensor, layers: Sequence[int],
-                   config: PriorConfig | None = None) -> torch.Tensor:
+                   config: PriorConfig | None = None, *, cells: torch.Tensor | None = None) -> torch.Tensor:
     """Patch-token hidden states after some encoder layers: (B, 3, H, W) -> (B, L, h*w, D).
 
     Args:
@@ -261,21 +261,36 @@ def layer_features(clip: ClipBundle, pixel_values: torch.Tensor, layers: Sequenc
         pixel_values: Normalised pixels.
         layers: Layer indices (0-based, negative from the end), in output order.
         config: Position-grid interpolation mode.
+        cells: (B, h*w) bool, the patch cells whose features are needed from the deepest requested
+            layer. That layer then computes its queries, attention output and MLP for those cells only
+            (keys and values still from every token) and returns zeros elsewhere; shallower requested
+            layers are complete. ``None``: every cell.
 
     Raises:
-        InvalidInputError: on a bad tensor or a layer that does not exist.
+        InvalidInputError: on a bad tensor, a layer that does not exist or ``cells`` of the wrong shape.
     """
     config = config or PriorConfig()
     vm = clip.model.vision_model
     blocks = vision_layers(vm)
     wanted = [_layer_index(i, len(blocks)) for i in layers]
+    deepest = max(wanted)
     with torch.inference_mode(False), torch.no_grad():
         hidden = embed(vm, _prepare_pixels(clip, pixel_values), config.pos_interpolation)
+        if cells is not None and tuple(cells.shape) != (hidden.shape[0], hidden.shape[1] - 1):
+            raise InvalidInputError(f"cells must be (B, h*w) = {(hidden.shape[0], hidden.shape[1] - 1)}, "
+                                    f"got {tuple(cells.shape)}")
         kept: dict[int, torch.Tensor] = {}
-        for index in range(max(wanted) + 1):
+        for index in range(deepest if cells is not None else deepest + 1):
             hidden = run_layer(blocks[index], hidden)
             if index in wanted:
                 kept[index] = hidden[:, 1:]
+        if cells is not None:
+            last = torch.zeros_like(hidden[:, 1:])
+            for b, row_mask in enumerate(cells.to(hidden.device).bool()):
+                rows = torch.nonzero(row_mask).flatten()
+                if rows.numel():
+                    last[b, rows] = run_layer_rows(blocks[deepest], hidden[b:b + 1], rows + 1)[0]
+            kept[deepest] = last
     return torch.stack([kept[i] for i in wanted], dim=1)
 
 
@@ -612,11 +627,20 @@ def _check_support_labels(labels: torch.Tensor, images: torch.Tensor) -> None:
 
 
 def support_features(clip: ClipBundle, pixel_values: torch.Tensor, labels: torch.Tensor,
-                     config: PriorConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     config: PriorConfig | None = None, *, foreground_only: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked support features: (N, 3, H, W) + (N, H, W) labels -> (N, L, h*w, D), (N, h*w) mask.
 
     The pixels are multiplied by ``labels == 1`` before CLIP sees them; the features of cells
     outside the (nearest-resized) mask are later ignored by :func:`vvp_from_features`.
+
+    Args:
+        clip: The loaded CLIP.
+        pixel_values: Normalised support pixels.
+        labels: Support labels (1 = target).
+        config: Knobs; defaults to :class:`PriorConfig`.
+        foreground_only: Compute the deepest VVP layer on the mask's cells only (its other cells
+            are zeros; see ``cells`` of :func:`layer_features`): the same VVP for less work.
 
     Raises:
         InvalidInputError: for an empty mask, a size mismatch or NaN/Inf pixels.
@@ -626,9 +650,10 @@ def support_features(clip: ClipBundle, pixel_values: torch.Tensor, labels: torch
     labels = torch.as_tensor(labels, device=pixels.device)
     _check_support_labels(labels, pixels)
     masked = pixels * (labels == 1)[:, None].to(pixels.dtype)
-    feats = layer_features(clip, masked, config.vvp_layers, config)
     grid = patch_grid(clip.model.config.vision_config, pixels.shape[-2], pixels.shape[-1])
-    return feats, _grid_mask(labels, grid, config.vvp_mask_resize)
+    mask = _grid_mask(labels, grid, config.vvp_mask_resize)
+    feats = layer_features(clip, masked, config.vvp_layers, config, cells=mask if foreground_only else None)
+    return feats, mask
 
 
 def vvp(
