@@ -88,6 +88,8 @@ def _torchrun_device(device: str) -> str:
               help="Compute shard I of N (merge the shards with `clipprior merge`); set automatically under torchrun.")
 @click.option("--chunk-images", type=click.IntRange(1, None), default=64, show_default=True,
               help="Query images per chunk: bounds memory; each chunk is committed to disk when done.")
+@click.option("--chunk-episodes", type=click.IntRange(1, None), default=256, show_default=True,
+              help="Close a chunk once its images hold this many episodes (bounds memory when images recur).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output HDF5 file [default: priors-DATASET-foldF-SPLIT-KSHOT.h5].")
 @debug_option
@@ -95,7 +97,7 @@ def _torchrun_device(device: str) -> str:
 def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, n_episodes: int | None, seed: int,
                model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
                list_root: Path | None, episode_file: Path | None, coco_split: str, on_error: str, shard: str | None,
-               chunk_images: int, out: Path | None, debug: bool) -> None:
+               chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
     """Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
@@ -154,6 +156,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
             }
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
                                    batch_size=batch_size, shard=shard_spec, chunk_images=chunk_images,
+                                   chunk_episodes=chunk_episodes,
                                    progress=lambda kind, n: bar.advance(tasks[kind], n))
         path = writer.finalize()
     console.print(

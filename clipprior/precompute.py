@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from clipprior import __version__
+from clipprior._memory import MemoryReleaser
 from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
 from clipprior.model import ClipBundle
@@ -57,6 +58,7 @@ __all__ = [
     "WorkPlan",
     "build_provenance",
     "episode_records",
+    "plan_chunks",
     "plan_work",
     "recompute_episode",
     "run_precompute",
@@ -296,6 +298,44 @@ def _present_names(label: np.ndarray, target: int, class_names: Sequence[str]) -
     return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
 
 
+def plan_chunks(queries: Sequence[QueryWork], chunk_images: int, chunk_episodes: int) -> list[list[QueryWork]]:
+    """Cut the planned query images, in order, into the chunks of a run.
+
+    A chunk takes images until it holds ``chunk_images`` of them or their episodes reach
+    ``chunk_episodes``; an image is never split, so one image with more episodes than that is a
+    chunk on its own.
+
+    Args:
+        queries: :attr:`WorkPlan.queries`, in first-appearance order.
+        chunk_images: Most images per chunk (>= 1).
+        chunk_episodes: Episode count that closes a chunk (>= 1).
+
+    Returns:
+        The chunks; concatenated, they are ``queries``.
+
+    Raises:
+        InvalidInputError: if either limit is below 1.
+
+    Example:
+        >>> [len(c) for c in plan_chunks(plan_work(episodes).queries, 64, 256)]  # doctest: +SKIP
+        [64, 64, 31]
+    """
+    if chunk_images < 1 or chunk_episodes < 1:
+        raise InvalidInputError(f"chunk_images={chunk_images} and chunk_episodes={chunk_episodes} must be >= 1")
+    chunks: list[list[QueryWork]] = []
+    current: list[QueryWork] = []
+    count = 0
+    for work in queries:
+        current.append(work)
+        count += len(work.episodes)
+        if len(current) >= chunk_images or count >= chunk_episodes:
+            chunks.append(current)
+            current, count = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def run_precompute(
     clip: ClipBundle,
     dataset: _Dataset,
@@ -307,13 +347,14 @@ def run_precompute(
     batch_size: int = 8,
     shard: tuple[int, int] | None = None,
     chunk_images: int = 64,
+    chunk_episodes: int = 256,
     progress: ProgressFn | None = None,
     text: TextFeatures | None = None,
 ) -> PrecomputeStats:
     """Compute and write every VTP (raw and refined) and VVP the episodes need.
 
-    The plan fixes every batch: query images are cut into chunks of ``chunk_images`` in
-    first-appearance order, and within a chunk, images of equal (resized) size run in batches of
+    The plan fixes every batch: query images are cut into chunks in first-appearance order (see
+    :func:`plan_chunks`), and within a chunk, images of equal (resized) size run in batches of
     ``batch_size``; each (support, class) belongs to the chunk of its first use and runs in that
     chunk's support batches. A rerun skips the chunks whose entries are all cached and recomputes
     the others batch by batch, exactly as an uninterrupted run would, writing only what is
@@ -328,7 +369,9 @@ def run_precompute(
         config: Knobs; defaults to :class:`PriorConfig`.
         batch_size: Images per CLIP batch.
         shard: ``(index, count)`` to compute one shard of the query images.
-        chunk_images: Query images per chunk (bounds memory; the unit of resumption).
+        chunk_images: Most query images per chunk (bounds memory; the unit of resumption).
+        chunk_episodes: A chunk is closed once its images hold this many episodes, so that its
+            VVP work and buffers stay bounded when there are many episodes per image.
         progress: Called as ``progress(kind, n)`` with kind ``"query"``, ``"support"`` or ``"episode"``.
         text: Precomputed text features of ``class_names`` (encoded here when ``None``).
 
@@ -340,15 +383,16 @@ def run_precompute(
         DatasetError: from the data layer, for broken images or masks.
     """
     config = config or PriorConfig()
-    if batch_size < 1 or chunk_images < 1:
-        raise InvalidInputError(f"batch_size={batch_size} and chunk_images={chunk_images} must be >= 1")
+    if min(batch_size, chunk_images, chunk_episodes) < 1:
+        raise InvalidInputError(f"batch_size={batch_size}, chunk_images={chunk_images} and "
+                                f"chunk_episodes={chunk_episodes} must all be >= 1")
     class_names = list(class_names)
     for episode in episodes:
         if not 1 <= int(episode.class_id) <= len(class_names):
             raise InvalidInputError(f"episode class {episode.class_id} has no prompt name (have {len(class_names)})")
     text = text or encode_text(clip, class_names, config)
     plan = plan_work(episodes, shard)
-    chunks = [plan.queries[i:i + chunk_images] for i in range(0, len(plan.queries), chunk_images)]
+    chunks = plan_chunks(plan.queries, chunk_images, chunk_episodes)
     home_keys: list[list[tuple[str, str, int]]] = []
     seen: set[tuple[str, str, int]] = set()
     home: dict[tuple[str, str, int], int] = {}
@@ -366,6 +410,7 @@ def run_precompute(
     store = _SupportStore(plan_work(todo).support_uses)
     stats = PrecomputeStats()
     report = progress or (lambda kind, n: None)
+    release = MemoryReleaser()
     for chunk in chunks:
         chunk_eps = [i for q in chunk for i in q.episodes]
         todo_eps = [i for i in chunk_eps if not writer.has_vvp(i)]
@@ -373,15 +418,17 @@ def run_precompute(
         missing_vtp = any(not writer.has_vtp(q.image, k) for q in chunk for k in q.classes)
         if todo_eps or missing_vtp:
             query_features = _run_queries(clip, dataset, chunk, needs_features, writer, text, class_names, config,
-                                          batch_size, stats, report)
+                                          batch_size, stats, report, release)
             needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps
                       for image, label in episodes[i].supports]
             for h in sorted({home[k] for k in needed if k not in store.features}):
-                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report)
+                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report, release)
             for i in todo_eps:
                 writer.add_vvp(i, _episode_vvp(episodes[i], query_features, store, config))
                 stats.vvp_written += 1
             writer.commit()
+            del query_features
+            release(force=True)  # keep the resident set flat across chunks (see clipprior/_memory.py)
         else:
             report("query", len(chunk))
         skipped = len(chunk_eps) - len(todo_eps)
@@ -410,29 +457,35 @@ def _episode_vvp(episode: Any, query_features: dict[str, _QueryFeatures], store:
 def _run_queries(
     clip: ClipBundle, dataset: _Dataset, chunk: list[QueryWork], needs_features: set[str], writer: _Writer,
     text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
-    report: ProgressFn,
+    report: ProgressFn, release: MemoryReleaser,
 ) -> dict[str, _QueryFeatures]:
     """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
 
     Every batch runs whole, with every class of each of its images, so its numbers do not depend on
-    what an interrupted run had already written.
+    what an interrupted run had already written. The batches are planned on the resized sizes and
+    the images prepared batch by batch (holding a whole chunk's float pixels would cost ~190 MB at
+    VOC sizes).
 
     Returns:
         The VVP features (L, n, D), their norms (L, n) and the grid of each image in ``needs_features``.
     """
     patch = clip.patch_size
     reuse = config.vvp_pixel_norm == "clip"
-    prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    sizes = {}
     for work in chunk:
-        rgb = dataset.load_image(work.image)
-        label = dataset.load_label(work.label)
-        prepared[work.image] = (rgb, label, resize_to_patch_multiple(rgb, patch, config.vtp_resample))
+        height, width = dataset.load_image(work.image).shape[:2]
+        sizes[work.image] = (patch * math.ceil(height / patch), patch * math.ceil(width / patch))
     features: dict[str, _QueryFeatures] = {}
-    for batch in _batches(chunk, lambda q: prepared[q.image][2].shape[:2], batch_size):
+    for batch in _batches(chunk, lambda q: sizes[q.image], batch_size):
         missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
         if not missing and not any(q.image in needs_features for q in batch):
             report("query", len(batch))
             continue
+        prepared = {}
+        for work in batch:
+            rgb = dataset.load_image(work.image)
+            prepared[work.image] = (rgb, dataset.load_label(work.label),
+                                    resize_to_patch_multiple(rgb, patch, config.vtp_resample))
         pixels = torch.stack([normalize(prepared[q.image][2], "clip") for q in batch]).to(clip.device, clip.dtype)
         pairs = [(b, c) for b, q in enumerate(batch) for c in sorted(q.classes)]
         sets = []
@@ -464,13 +517,15 @@ def _run_queries(
                 feats = layer_features(clip, qpix, config.vvp_layers, config)[0]
             feats = feats.float().cpu()
             features[work.image] = (feats, feats.norm(dim=-1), grid)
+        del prepared, pixels, out, refined
+        release()
         report("query", len(batch))
     return features
 
 
 def _run_supports(
     clip: ClipBundle, dataset: _Dataset, keys: Sequence[tuple[str, str, int]], store: _SupportStore,
-    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn,
+    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn, release: MemoryReleaser,
 ) -> None:
     """Run the planned support batches of one chunk (its first-use keys) that a pending episode needs.
 
@@ -503,6 +558,8 @@ def _run_supports(
         for j, key in enumerate(batch):
             if key in wanted:
                 store.features[key] = _Cells.from_grid(feats[j].cpu(), masks[j].cpu())
+        del pixels, labels, feats, masks
+        release()
         stats.support_passes += len(batch)
         report("support", len(batch))
 

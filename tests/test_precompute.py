@@ -15,12 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from clipprior.cli.main import app
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipprior import PriorConfig, compute_priors, load_clip
 from clipprior.cache import CacheWriter, PriorCache
 from clipprior.data import open_dataset, prompt_names, sample_episodes
 from clipprior.data.synthetic import write_synthetic_pascal
-from clipprior.precompute import build_provenance, episode_records, plan_work, run_precompute
+from clipprior.precompute import QueryWork, build_provenance, episode_records, plan_chunks, plan_work, run_precompute
 
 FP16_TOL = 2e-3  # maps are stored as float16 in [0, 1]: half a unit in the last place is 2.4e-4 at 1.0
 
@@ -76,6 +78,63 @@ def test_plan_deduplicates_queries_and_supports(data_root):
     shards = [plan_work(episodes, (i, 3)) for i in range(3)]
     images = [q.image for p in shards for q in p.queries]
     assert sorted(images) == sorted(q.image for q in plan.queries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(1, 12), max_size=40), chunk_images=st.integers(1, 9),
+       chunk_episodes=st.integers(1, 30))
+def test_chunks_keep_order_and_respect_both_limits(counts, chunk_images, chunk_episodes):
+    queries = [QueryWork(f"q{i}", f"l{i}", {1}, list(range(n))) for i, n in enumerate(counts)]
+    chunks = plan_chunks(queries, chunk_images, chunk_episodes)
+    assert [q for c in chunks for q in c] == queries
+    for chunk in chunks:
+        assert 1 <= len(chunk) <= chunk_images
+        # only the image that closes a chunk may carry it past the episode limit
+        assert sum(len(q.episodes) for q in chunk[:-1]) < chunk_episodes
+    for chunk in chunks[:-1]:  # a chunk is closed only by one of the limits
+        assert len(chunk) == chunk_images or sum(len(q.episodes) for q in chunk) >= chunk_episodes
+
+
+@pytest.mark.parametrize(("images", "episodes"), [(0, 5), (3, 0)])
+def test_chunk_limits_must_be_positive(images, episodes):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        plan_chunks([], images, episodes)
+
+
+def _count_commits(writer: CacheWriter) -> list[int]:
+    calls: list[int] = []
+    commit = writer.commit
+
+    def counted() -> int:
+        calls.append(1)
+        return commit()
+
+    writer.commit = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_chunking_changes_commits_not_priors(tmp_path, data_root, clip):
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    episodes = sample_episodes(dataset, 24, shot=1, seed=4)
+    names = prompt_names("pascal5i")
+    commits = []
+    for chunk_episodes in (256, 2):
+        out = tmp_path / f"p{chunk_episodes}.h5"
+        with CacheWriter(out, {"test": "chunks"}) as writer:
+            writer.set_episodes(episode_records(episodes))
+            calls = _count_commits(writer)
+            stats = run_precompute(clip, dataset, episodes, writer, class_names=names, batch_size=1,
+                                   chunk_images=64, chunk_episodes=chunk_episodes)
+            writer.finalize()
+        commits.append(len(calls))
+        assert stats.vvp_written == 24 and stats.query_passes == len(plan_work(episodes).queries)
+    plan = plan_work(episodes)
+    assert commits[1] >= len(plan_chunks(plan.queries, 64, 2)) > len(plan_chunks(plan.queries, 64, 256))
+    assert commits[1] > commits[0]
+    left, right = _h5_arrays(tmp_path / "p256.h5"), _h5_arrays(tmp_path / "p2.h5")
+    assert sorted(left) == sorted(right)
+    for key in left:  # batch_size=1: the same passes whatever the chunking, so the same numbers
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, data_root, clip):
