@@ -357,8 +357,10 @@ def run_shot(clip: ClipBundle, dataset: Any, args: argparse.Namespace, shot: int
     text = encode_text(clip, names, config)
     baseline_times: list[tuple[float, float]] = []
     baseline_passes: list[int] = []
+    baseline_load: list[float] = []
 
     def baseline(index: int) -> None:
+        baseline_load.append(os.getloadavg()[0])
         clock = Clock(clip.device)
         with clock.measure():
             baseline_passes.append(baseline_episode(clip, dataset, episodes[sample[index]], text, names, config))
@@ -384,6 +386,7 @@ def run_shot(clip: ClipBundle, dataset: Any, args: argparse.Namespace, shot: int
             writer.set_episodes(engine.episode_records(episodes))
             stats = engine.run_precompute(clip, dataset, episodes, writer, class_names=names, config=config,
                                           batch_size=args.batch_size, chunk_images=args.chunk_images,
+                                          chunk_episodes=args.chunk_episodes,
                                           progress=probe.progress)
             writer.finalize()
         while probe.baseline_done < probe.baseline_count:  # only if the plan had fewer passes than expected
@@ -396,6 +399,7 @@ def run_shot(clip: ClipBundle, dataset: Any, args: argparse.Namespace, shot: int
     base_cpu = _summary([c for _, c in baseline_times])
     n = len(episodes)
     base.update(sample=len(sample), sample_indices=sample, extrapolated_s=base["mean_s"] * n,
+                episode_s=[w for w, _ in baseline_times], loadavg_at_episodes=baseline_load,
                 cpu_mean_s=base_cpu["mean_s"], passes_per_episode=statistics.fmean(baseline_passes),
                 passes_extrapolated=2 * n + sum(len(e.supports) for e in episodes))
     low = max(base["mean_s"] - base["ci95_s"], 0.0) * n / ours_wall
@@ -455,7 +459,8 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
     with probe.patched(), CacheWriter(out, {"benchmark": "memory"}) as writer:
         writer.set_episodes(engine.episode_records(episodes))
         engine.run_precompute(clip, dataset, episodes, writer, class_names=names, config=config,
-                              batch_size=args.batch_size, chunk_images=args.chunk_images, text=text)
+                              batch_size=args.batch_size, chunk_images=args.chunk_images,
+                              chunk_episodes=args.chunk_episodes, text=text)
         writer.finalize()
     peak = peak_rss_mb()
     store = probe.stores[0] if probe.stores else None
@@ -472,7 +477,8 @@ def memory_curve(args: argparse.Namespace, data_root: Path) -> list[dict[str, An
                str(data_root), "--model", args.memory_model, "--shot", str(max(args.shot, default=5)),
                "--device", args.device,
                "--dtype", args.dtype, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--chunk-images", str(args.chunk_images), "--preset", args.preset]
+               "--chunk-images", str(args.chunk_images), "--chunk-episodes", str(args.chunk_episodes),
+               "--preset", args.preset]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe for {count} episodes failed:\n{done.stderr[-3000:]}")
@@ -503,6 +509,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="engine batch size (default: 1 on CPU, where batching is slower per image; 8 on GPU)")
     parser.add_argument("--chunk-images", type=int, default=64, help="engine chunk size (the CLI's default: 64)")
+    parser.add_argument("--chunk-episodes", type=int, default=256,
+                        help="episodes that close a chunk (the CLI's default: 256)")
     parser.add_argument("--preset", default="default", help="PriorConfig preset (default: default)")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-forward floor measurements")
     parser.add_argument("--memory-episodes", type=int, nargs="*", default=[100, 300, 1000, 3000],
@@ -600,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "bench_precompute", "version": 1, "quick": args.quick, "machine": info,
         "settings": {"model": f"{args.model} (random weights)", "attention": "sdpa", "device": args.device,
                      "dtype": args.dtype, "threads": args.threads, "batch_size": args.batch_size,
-                     "chunk_images": args.chunk_images, "preset": args.preset, "fold": FOLD, "seed": SEED,
+                     "chunk_images": args.chunk_images,
+                     "chunk_episodes": args.chunk_episodes, "preset": args.preset, "fold": FOLD, "seed": SEED,
                      "episodes": args.episodes, "baseline_sample": args.baseline_sample,
                      "images": written, "image_scale": args.image_scale, "memory_model": args.memory_model},
         "runs": runs, "memory_curve": curve,
