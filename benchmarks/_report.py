@@ -140,6 +140,9 @@ def render_tables(results: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     memory = ["| date | model | shot | episodes | peak RSS | RSS growth during the run | support store peak |",
               "|---|---|---|---|---|---|---|"]
+    gpu = ["| date | device | shot | episodes | ours, episodes/s | baseline, episodes/s | speedup "
+           "| forward FLOPs at | measured matmul rate | achieved fraction (bare forwards alone) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for result in results:
         m = result["machine"]
@@ -161,6 +164,15 @@ def render_tables(results: list[dict[str, Any]]) -> str:
                 f"| {m['date']} | {run['shot']} | **{f['ratio_total']:.3f}** | {f['ratio_query']:.3f} "
                 f"| {f['ratio_support']:.3f} | {f['bare_per_image_median_s']:.3f} s "
                 f"| {run['loadavg_start']:.1f} -> {run['loadavg_end']:.1f} |")
+            t = run.get("throughput") or {}
+            if "matmul" in t:
+                bare = t.get("bare_fraction_of_matmul")
+                gpu.append(
+                    f"| {m['date']} | {device} | {run['shot']} | {run['episodes']} | {t['episodes_per_s']:.1f} "
+                    f"| {t['baseline_episodes_per_s']:.1f} | **{run['speedup']:.1f}x** "
+                    f"| {t['achieved_tflops']:.1f} TFLOP/s | {t['matmul']['tflops']:.0f} TFLOP/s "
+                    f"({t['matmul']['n']}^3) | **{100 * t['fraction_of_matmul']:.1f}%** "
+                    f"({'-' if bare is None else f'{100 * bare:.1f}%'}) |")
         for point in result.get("memory_curve", []):
             store = point.get("store_peak_mb")
             memory.append(
@@ -170,7 +182,11 @@ def render_tables(results: list[dict[str, Any]]) -> str:
     return "\n".join(["**Speed** (wall clock)", "", *speed, "", "**Cost per CLIP pass against the floor** "
                       "(bare `CLIPVisionModel` forward, sdpa, same batch and size, measured right after each "
                       "of our batches)", "", *floor, "", "**Memory** (separate processes, one per episode count)",
-                      "", *memory, "", "Commands:", "", *commands])
+                      "", *memory,
+                      *(["", "**GPU throughput** (forward FLOPs of our passes over our wall time, against "
+                         "the device's own dense matmul rate in the same dtype, measured in the same run)", "",
+                         *gpu] if len(gpu) > 2 else []),
+                      "", "Commands:", "", *commands])
 
 
 def update_readme(results: list[dict[str, Any]], readme: Path = README) -> bool:

@@ -69,11 +69,25 @@ _QueryFeatures = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]  # (L, n, D)
 
 
 class _Dataset(Protocol):
-    """What the engine needs of a dataset (see :class:`clipprior.data.FSSDataset`)."""
+    """What the engine needs of a dataset (see :class:`clipprior.data.FSSDataset`).
+
+    An ``image_size(path) -> (height, width)`` method, where present, lets the batches be planned
+    from the image headers instead of decoding every image twice.
+    """
 
     def load_image(self, path: str) -> np.ndarray: ...
 
     def load_label(self, path: str) -> np.ndarray: ...
+
+
+def _image_size(dataset: _Dataset, path: str) -> tuple[int, int]:
+    """(height, width) of an image: from its header where the dataset can (``image_size``), else decoded."""
+    header = getattr(dataset, "image_size", None)
+    if header is not None:
+        height, width = header(path)
+        return int(height), int(width)
+    height, width = dataset.load_image(path).shape[:2]
+    return int(height), int(width)
 
 
 class _Writer(Protocol):
@@ -473,7 +487,7 @@ def _run_queries(
     reuse = config.vvp_pixel_norm == "clip"
     sizes = {}
     for work in chunk:
-        height, width = dataset.load_image(work.image).shape[:2]
+        height, width = _image_size(dataset, work.image)
         sizes[work.image] = (patch * math.ceil(height / patch), patch * math.ceil(width / patch))
     features: dict[str, _QueryFeatures] = {}
     for batch in _batches(chunk, lambda q: sizes[q.image], batch_size):
@@ -544,7 +558,7 @@ def _run_supports(
 
     sizes = {}
     for key in keys:
-        height, width = dataset.load_image(key[0]).shape[:2]
+        height, width = _image_size(dataset, key[0])
         sizes[key] = (patch * math.ceil(height / patch), patch * math.ceil(width / patch))
     for batch in _batches(keys, sizes.__getitem__, batch_size):
         wanted = [k for k in batch if store.remaining.get(k, 0) > 0 and k not in store.features]

@@ -137,6 +137,28 @@ def test_chunking_changes_commits_not_priors(tmp_path, data_root, clip):
         np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
+class _DecodeOnly:
+    """A dataset with only what the engine's protocol requires (no header-only ``image_size``)."""
+
+    def __init__(self, dataset) -> None:
+        self.load_image, self.load_label = dataset.load_image, dataset.load_label
+
+
+def test_sizes_from_headers_or_decoding_plan_the_same_cache(tmp_path, data_root, clip):
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    episodes = sample_episodes(dataset, 8, shot=1, seed=6)
+    for image, _ in episodes[0].supports:
+        assert dataset.image_size(image) == dataset.load_image(image).shape[:2]
+    outs = []
+    for name, source in (("header", dataset), ("decode", _DecodeOnly(dataset))):
+        outs.append(tmp_path / f"{name}.h5")
+        with CacheWriter(outs[-1], {"test": "sizes"}) as writer:
+            writer.set_episodes(episode_records(episodes))
+            run_precompute(clip, source, episodes, writer, class_names=prompt_names("pascal5i"), batch_size=2)
+            writer.finalize()
+    _assert_same_arrays(*outs)
+
+
 def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, data_root, clip):
     dataset = open_dataset("pascal5i", data_root, 0, "val")
     episodes = sample_episodes(dataset, 10, shot=2, seed=3)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clipprior.data.classes import _check_coco_split, _check_fold, _check_split, dataset_name, num_classes
+from clipprior.data.images import image_size as header_size
 from clipprior.data.images import load_label, load_pair, load_rgb
 from clipprior.data.layout import check_root
 from clipprior.data.lists import (
@@ -115,6 +116,10 @@ class FSSDataset:
     def load_label(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Load a mask as (H, W) uint8 class ids (see :func:`~clipprior.data.images.load_label`)."""
         return load_label(self.path(path))
+
+    def image_size(self, path: str | os.PathLike[str]) -> tuple[int, int]:
+        """(height, width) of an image read from its header, without decoding the pixels."""
+        return header_size(self.path(path))
 
     def load_pair(self, image: str | os.PathLike[str], label: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         """Load an image and its mask, checking that their sizes agree: ((H, W, 3), (H, W)) uint8."""
