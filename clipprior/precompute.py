@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from clipprior import __version__
-from clipprior._memory import MemoryReleaser
+from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
 from clipprior.model import ClipBundle
@@ -424,7 +424,6 @@ def run_precompute(
     store = _SupportStore(plan_work(todo).support_uses)
     stats = PrecomputeStats()
     report = progress or (lambda kind, n: None)
-    release = MemoryReleaser()
     for chunk in chunks:
         chunk_eps = [i for q in chunk for i in q.episodes]
         todo_eps = [i for i in chunk_eps if not writer.has_vvp(i)]
@@ -432,17 +431,17 @@ def run_precompute(
         missing_vtp = any(not writer.has_vtp(q.image, k) for q in chunk for k in q.classes)
         if todo_eps or missing_vtp:
             query_features = _run_queries(clip, dataset, chunk, needs_features, writer, text, class_names, config,
-                                          batch_size, stats, report, release)
+                                          batch_size, stats, report)
             needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps
                       for image, label in episodes[i].supports]
             for h in sorted({home[k] for k in needed if k not in store.features}):
-                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report, release)
+                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report)
             for i in todo_eps:
                 writer.add_vvp(i, _episode_vvp(episodes[i], query_features, store, config))
                 stats.vvp_written += 1
             writer.commit()
             del query_features
-            release(force=True)  # keep the resident set flat across chunks (see clipprior/_memory.py)
+            release_freed_memory()  # keep the resident set flat across chunks (see clipprior/_memory.py)
         else:
             report("query", len(chunk))
         skipped = len(chunk_eps) - len(todo_eps)
@@ -471,7 +470,7 @@ def _episode_vvp(episode: Any, query_features: dict[str, _QueryFeatures], store:
 def _run_queries(
     clip: ClipBundle, dataset: _Dataset, chunk: list[QueryWork], needs_features: set[str], writer: _Writer,
     text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
-    report: ProgressFn, release: MemoryReleaser,
+    report: ProgressFn,
 ) -> dict[str, _QueryFeatures]:
     """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
 
@@ -531,15 +530,13 @@ def _run_queries(
                 feats = layer_features(clip, qpix, config.vvp_layers, config)[0]
             feats = feats.float().cpu()
             features[work.image] = (feats, feats.norm(dim=-1), grid)
-        del prepared, pixels, out, refined
-        release()
         report("query", len(batch))
     return features
 
 
 def _run_supports(
     clip: ClipBundle, dataset: _Dataset, keys: Sequence[tuple[str, str, int]], store: _SupportStore,
-    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn, release: MemoryReleaser,
+    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn,
 ) -> None:
     """Run the planned support batches of one chunk (its first-use keys) that a pending episode needs.
 
@@ -572,8 +569,6 @@ def _run_supports(
         for j, key in enumerate(batch):
             if key in wanted:
                 store.features[key] = _Cells.from_grid(feats[j].cpu(), masks[j].cpu())
-        del pixels, labels, feats, masks
-        release()
         stats.support_passes += len(batch)
         report("support", len(batch))
 
