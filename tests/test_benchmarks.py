@@ -143,3 +143,16 @@ def test_foreground_cell_matching_equals_vvp_from_features(layers, n, m, dim, fr
     expected = vvp_from_features(query[None], support[None, None], mask[None, None], (1, n))[0].reshape(layers, n)
     got = _best_match(query, query.norm(dim=-1), _Cells.from_grid(support, mask), 1e-7)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 64, 64), (2, 48, 96), (3, 80, 32)])
+def test_forward_flops_match_torch_flop_counter(batch, height, width):
+    from bench_precompute import bare_forward, forward_flops, random_clip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip = random_clip("tiny", "cpu", "fp32")
+    clip.model.set_attn_implementation("eager")  # torch's counter does not see the CPU sdpa kernel; same FLOPs
+    counter = FlopCounterMode(display=False)
+    with counter:
+        bare_forward(clip, torch.zeros(batch, 3, height, width))
+    assert forward_flops(clip, batch, height, width) == counter.get_total_flops()
