@@ -80,14 +80,14 @@ class _Dataset(Protocol):
     def load_label(self, path: str) -> np.ndarray: ...
 
 
-def _image_size(dataset: _Dataset, path: str) -> tuple[int, int]:
-    """(height, width) of an image: from its header where the dataset can (``image_size``), else decoded."""
+def _resized_size(dataset: _Dataset, path: str, patch: int) -> tuple[int, int]:
+    """The size an image is resized up to (a multiple of ``patch``), as the batches are planned on.
+
+    Read from the image header where the dataset can (``image_size``), else from the decoded image.
+    """
     header = getattr(dataset, "image_size", None)
-    if header is not None:
-        height, width = header(path)
-        return int(height), int(width)
-    height, width = dataset.load_image(path).shape[:2]
-    return int(height), int(width)
+    height, width = header(path) if header is not None else dataset.load_image(path).shape[:2]
+    return patch * math.ceil(int(height) / patch), patch * math.ceil(int(width) / patch)
 
 
 class _Writer(Protocol):
@@ -486,8 +486,7 @@ def _run_queries(
     reuse = config.vvp_pixel_norm == "clip"
     sizes = {}
     for work in chunk:
-        height, width = _image_size(dataset, work.image)
-        sizes[work.image] = (patch * math.ceil(height / patch), patch * math.ceil(width / patch))
+        sizes[work.image] = _resized_size(dataset, work.image, patch)
     features: dict[str, _QueryFeatures] = {}
     for batch in _batches(chunk, lambda q: sizes[q.image], batch_size):
         missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
@@ -555,8 +554,7 @@ def _run_supports(
 
     sizes = {}
     for key in keys:
-        height, width = _image_size(dataset, key[0])
-        sizes[key] = (patch * math.ceil(height / patch), patch * math.ceil(width / patch))
+        sizes[key] = _resized_size(dataset, key[0], patch)
     for batch in _batches(keys, sizes.__getitem__, batch_size):
         wanted = [k for k in batch if store.remaining.get(k, 0) > 0 and k not in store.features]
         if not wanted:
