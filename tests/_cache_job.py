@@ -178,7 +178,7 @@ def _main(argv: list[str]) -> None:
         time.sleep(args.finalize_delay)
 
     if args.finalize_delay:
-        import clipprior._h5 as h5
+        import clipprior.cache._h5 as h5
 
         h5.BLOCK_BYTES = 1  # one row per block, so the kill lands mid-file
     run_job(args.out, n_images=args.images, n_episodes=args.episodes, shot=args.shot, delay=args.delay,

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import clipprior
-from clipprior import _cache_read, _cache_report, _cache_union, _cache_write, _h5
 from clipprior import cache as cache_module
 from clipprior.cache import (
     CacheWriter,
     EpisodeRecord,
     PriorCache,
+    _h5,
     check_cache,
     letterbox_prior,
     merge_caches,
@@ -34,6 +34,10 @@ from clipprior.cache import (
     shard_from_environment,
     shard_path,
 )
+from clipprior.cache import _read as _cache_read
+from clipprior.cache import _report as _cache_report
+from clipprior.cache import _union as _cache_union
+from clipprior.cache import _write as _cache_write
 from clipprior.config import PriorConfig
 from clipprior.errors import CacheError, CacheKeyError, CacheMismatchError, InvalidInputError
 from tests._cache_job import (

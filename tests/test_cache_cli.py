@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from clipprior.cli import cache_cmds
-from clipprior.cli.main import app
 
 from clipprior.cache import CacheWriter, PriorCache, shard_path
+from clipprior.cli import cache_cmds
+from clipprior.cli.main import app
 from clipprior.errors import CacheError
 from tests._cache_job import (
     assert_same_datasets,

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from clipprior import _cache_read
 from clipprior.cache import PriorCache
+from clipprior.cache import _read as _cache_read
 from tests._cache_job import episodes, image_key, image_size, run_job
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "training-loop.md"

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from clipprior.cli.main import app
 from PIL import Image
 
+from clipprior.cli.main import app
 from clipprior.data import COCO_CLASSES, build_fss_lists, read_episodes, read_fss_lists
 from clipprior.data.synthetic import write_synthetic_pascal
 

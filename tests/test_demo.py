@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from clipprior.cli.demo import DEMO_EPISODES, demo_panel
-from clipprior.cli.main import app
 from PIL import Image
 
+from clipprior.cli.demo import DEMO_EPISODES, demo_panel
+from clipprior.cli.main import app
 from clipprior.model import load_clip
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from clipprior.cli.evaluate import read_image_list
-from clipprior.cli.main import app
 
 from clipprior.cache import CacheWriter
+from clipprior.cli.evaluate import read_image_list
+from clipprior.cli.main import app
 from clipprior.data import load_label
 from clipprior.data.synthetic import write_synthetic
 from tests._synthetic_priors import expected_scores, make_synthetic_cache

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from clipprior.cli.main import app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipprior import PriorConfig, compute_priors, load_clip
 from clipprior.cache import CacheWriter, PriorCache
+from clipprior.cli.main import app
 from clipprior.data import open_dataset, prompt_names, sample_episodes
 from clipprior.data.synthetic import write_synthetic_pascal
 from clipprior.precompute import QueryWork, build_provenance, episode_records, plan_chunks, plan_work, run_precompute

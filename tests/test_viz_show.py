@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from clipprior.cli._cache_data import parse_episode_spec
-from clipprior.cli.main import app
 from PIL import Image
 
+from clipprior.cli._cache_data import parse_episode_spec
+from clipprior.cli.main import app
 from clipprior.errors import InvalidInputError
 from tests._browser import check_page_in_chromium
 from tests._synthetic_priors import make_synthetic_cache

@@ -9,6 +9,10 @@ from typing import Any
 
 import click
 import numpy as np
+from PIL import Image
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from clipprior.cli._common import (
     console,
     debug_option,
@@ -17,10 +21,6 @@ from clipprior.cli._common import (
     handle_errors,
     model_option,
 )
-from PIL import Image
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from clipprior.config import PriorConfig, get_preset, list_presets
 from clipprior.errors import WeightsNotFoundError
 from clipprior.evaluate import binary_iou, vvp_map

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cli._common import (
     console,
     debug_option,
@@ -19,11 +24,6 @@ from clipprior.cli._common import (
     handle_errors,
     progress_bar,
 )
-from rich import box
-from rich.table import Table
-from rich.text import Text
-
-from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.errors import CacheError
 
 __all__ = ["inspect_cmd", "merge_cmd", "verify_cmd"]

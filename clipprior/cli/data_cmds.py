@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from clipprior.cli._common import console, debug_option, handle_errors, progress_bar
 from rich.table import Table
 
+from clipprior.cli._common import console, debug_option, handle_errors, progress_bar
 from clipprior.errors import InvalidInputError
 
 __all__ = ["coco_to_masks", "lists"]

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from clipprior import _h5
-from clipprior._cache_union import (
+from clipprior.cache import _h5
+from clipprior.cache._h5 import EpisodeRecord, FileIndex
+from clipprior.cache._union import (
     SourceUnion,
     as_episode,
     check_int,
@@ -28,7 +29,6 @@ from clipprior._cache_union import (
     provenance_diff,
     to_map,
 )
-from clipprior._h5 import EpisodeRecord, FileIndex
 from clipprior.errors import CacheError, InvalidInputError
 
 try:  # POSIX advisory locks; released by the kernel when a process dies, even by SIGKILL.

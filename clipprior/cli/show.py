@@ -6,6 +6,10 @@ import math
 from pathlib import Path
 
 import click
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from clipprior.cache import PriorCache
 from clipprior.cli._cache_data import (
     PRIOR_TITLES,
     EpisodeData,
@@ -15,10 +19,6 @@ from clipprior.cli._cache_data import (
     resolve_data_root,
 )
 from clipprior.cli._common import console, debug_option, handle_errors
-from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from clipprior.cache import PriorCache
 from clipprior.evaluate import PRIOR_KINDS, PriorMeter, binary_iou
 from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, write_html_index
 

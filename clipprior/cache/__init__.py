@@ -16,8 +16,8 @@ file layout is specified in ``docs/cache-format.md``; in short:
 * ``shard=(i, n)`` splits a job over processes or machines; :func:`merge_caches` joins the shard
   files into the file a single run would have written.
 
-The implementation lives in private modules (``_cache_write``, ``_cache_read``, ``_cache_report``,
-``_cache_union``, ``_h5``); this module is the public surface.
+The implementation lives in private modules (``_write``, ``_read``, ``_report``,
+``_union``, ``_h5``); this module is the public surface.
 
 Example:
     >>> import numpy as np, tempfile, pathlib
@@ -33,11 +33,11 @@ Example:
 
 from __future__ import annotations
 
-from clipprior._cache_read import PriorCache, Size, letterbox_prior, resize_prior
-from clipprior._cache_report import CheckReport, check_cache, summarize_cache
-from clipprior._cache_union import provenance_diff
-from clipprior._cache_write import CacheWriter, merge_caches, parts_dir, shard_from_environment, shard_path
-from clipprior._h5 import FORMAT_NAME, FORMAT_VERSION, EpisodeRecord
+from clipprior.cache._h5 import FORMAT_NAME, FORMAT_VERSION, EpisodeRecord
+from clipprior.cache._read import PriorCache, Size, letterbox_prior, resize_prior
+from clipprior.cache._report import CheckReport, check_cache, summarize_cache
+from clipprior.cache._union import provenance_diff
+from clipprior.cache._write import CacheWriter, merge_caches, parts_dir, shard_from_environment, shard_path
 
 __all__ = [
     "FORMAT_NAME",

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 from clipprior.cli._common import (
     RateColumn,
     console,
@@ -15,8 +17,6 @@ from clipprior.cli._common import (
     handle_errors,
     model_option,
 )
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from clipprior.errors import InvalidInputError
 
 __all__ = ["parse_shard", "precompute"]

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipprior import _h5
-from clipprior._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
+from clipprior.cache import _h5
+from clipprior.cache._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
 from clipprior.errors import CacheError, CacheMismatchError, InvalidInputError
 
 __all__ = ["SourceUnion", "as_episode", "check_int", "check_key", "mismatch_error", "missing_entries",
@@ -244,7 +244,7 @@ class SourceUnion:
 
         With ``memory`` sources (a segment: bounded by the writer's buffer) the file is built in
         memory; otherwise its size is estimated from the source files and that much free space is
-        required before writing (see :func:`clipprior._h5.atomic_h5`).
+        required before writing (see :func:`clipprior.cache._h5.atomic_h5`).
         """
         needed = int(1.1 * sum(i.path.stat().st_size for i in self.indices)) + (1 << 20)
         images = sorted(self.images.items())

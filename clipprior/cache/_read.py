@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipprior import _h5
-from clipprior._cache_write import parts_dir
-from clipprior._h5 import EpisodeRecord, FileIndex
+from clipprior.cache import _h5
+from clipprior.cache._h5 import EpisodeRecord, FileIndex
+from clipprior.cache._write import parts_dir
 from clipprior.config import PriorConfig
 from clipprior.errors import CacheError, CacheKeyError, InvalidInputError
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import click
 import numpy as np
-from clipprior.cli._cache_data import PRIOR_TITLES, CacheFacts, cache_facts, load_episode, resolve_data_root
-from clipprior.cli._common import console, debug_option, device_option, dtype_option, err_console, handle_errors
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipprior.cache import PriorCache
+from clipprior.cli._cache_data import PRIOR_TITLES, CacheFacts, cache_facts, load_episode, resolve_data_root
+from clipprior.cli._common import console, debug_option, device_option, dtype_option, err_console, handle_errors
 from clipprior.data import class_names, dataset_name, load_label, num_classes
 from clipprior.data.layout import LAYOUTS, to_id
 from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError

@@ -19,8 +19,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from clipprior import _h5
-from clipprior._cache_read import PriorCache
+from clipprior.cache import _h5
+from clipprior.cache._read import PriorCache
 from clipprior.errors import CacheError, ConfigError
 
 __all__ = ["CheckReport", "check_cache", "summarize_cache"]
