@@ -62,6 +62,9 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
 import clipprior.precompute as engine
+import clipprior.precompute.engine as engine_stage
+import clipprior.precompute.passes as passes_stage
+import clipprior.precompute.post as post_stage
 from clipprior import PriorConfig, get_preset
 from clipprior.cache import CacheWriter
 from clipprior.data import open_dataset, prompt_names, sample_episodes
@@ -74,6 +77,10 @@ SHARED = HERE.parent.parent / "shared"
 LIST_ROOT = SHARED / "lists" / "pascal"
 TRAINER_SIZE = 473  # the PFENet-family test tensors VVP runs on in the official code
 FOLD, SEED = 0, 321
+
+# Where the engine looks up each function the probe wraps (one module per stage of clipprior.precompute).
+_PATCHED = {"_vtp_pass": passes_stage, "support_features": passes_stage, "pir": post_stage,
+            "SupportStore": engine_stage}
 
 GOALS = {"speedup_1shot": 4.0, "speedup_5shot": 9.0, "pass_ratio": 1.15, "memory_growth": 0.10}
 
@@ -324,8 +331,8 @@ class Probe:
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[Probe]:
-        """Install the timing wrappers in :mod:`clipprior.precompute`; restore them on exit."""
-        originals = {name: getattr(engine, name) for name in ("_vtp_pass", "support_features", "pir", "_SupportStore")}
+        """Install the timing wrappers in the stages of :mod:`clipprior.precompute`; restore them on exit."""
+        originals = {name: getattr(module, name) for name, module in _PATCHED.items()}
         probe = self
 
         def vtp_pass(clip: ClipBundle, pixels: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -345,20 +352,20 @@ class Probe:
             probe._record("support", pixels, clock)
             return out
 
-        class TrackedStore(originals["_SupportStore"]):  # type: ignore[misc,valid-type]
+        class TrackedStore(originals["SupportStore"]):  # type: ignore[misc,valid-type]
             def __init__(self, uses: dict[Any, int]) -> None:
                 super().__init__(uses)
                 self.features = _TrackedDict()
                 probe.stores.append(self.features)
 
-        patches = {"_vtp_pass": vtp_pass, "support_features": supports, "pir": refine, "_SupportStore": TrackedStore}
+        patches = {"_vtp_pass": vtp_pass, "support_features": supports, "pir": refine, "SupportStore": TrackedStore}
         try:
             for name, value in patches.items():
-                setattr(engine, name, value)
+                setattr(_PATCHED[name], name, value)
             yield self
         finally:
             for name, value in originals.items():
-                setattr(engine, name, value)
+                setattr(_PATCHED[name], name, value)
 
 
 # ----------------------------------------------------------------------------------------------

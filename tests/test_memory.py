@@ -38,12 +38,11 @@ def test_malloc_trim_lookup_matches_the_platform():
 
 
 def test_engine_releases_after_every_chunk(monkeypatch, tmp_path, tiny_clip_dir):
-    from clipprior import precompute as engine
     from clipprior.cache import CacheWriter
     from clipprior.data import open_dataset, prompt_names, sample_episodes
     from clipprior.data.synthetic import write_synthetic_pascal
     from clipprior.model import load_clip
-    from clipprior.precompute import episode_records, plan_chunks, plan_work, run_precompute
+    from clipprior.precompute import engine, episode_records, plan_chunks, plan_work, run_precompute
 
     calls = []
     monkeypatch.setattr(engine, "release_freed_memory", lambda: calls.append(1) or True)

@@ -1,0 +1,57 @@
+"""Planning and running the CLIP passes of a prior cache.
+
+VTP depends only on (image, class) and the query side of VVP only on the image, so the work is
+planned around unique passes:
+
+- every unique query image runs through CLIP once, in batches of images of the same size; that one
+  pass gives the Grad-CAM of each of its classes (one backward for all pairs of the batch), the
+  attention for PIR and the layer features for VVP;
+- every unique (support image, class) runs its masked pass once; its features are kept in memory
+  only while an episode still needs them (a reference count over the known schedule), so memory
+  stays flat as the episode count grows;
+- each episode's VVP is then a cheap cosine-max between features already computed.
+
+Everything is at the image's own geometry: the query and supports are resized up to a multiple of
+the patch size, as the official VTP path prepares the query, and the maps are stored on that
+patch grid with the image size recorded (see ``docs/cache-format.md``).
+
+The data flow reads top to bottom, one module per stage:
+
+1. :mod:`~clipprior.precompute.plan`: unique passes, chunks (the unit of resumption), batches;
+2. :mod:`~clipprior.precompute.load`: decode, convert, resize the images and masks of a batch;
+3. :mod:`~clipprior.precompute.passes`: the CLIP passes on the model's device;
+4. :mod:`~clipprior.precompute.post`: PIR and VVP;
+5. :mod:`~clipprior.precompute.write`: into the cache writer;
+
+and :mod:`~clipprior.precompute.engine` runs them (:func:`run_precompute`, the one entry point).
+
+Example:
+    >>> stats = run_precompute(clip, dataset, episodes, writer, class_names=names)  # doctest: +SKIP
+    >>> stats.query_passes  # doctest: +SKIP
+    364
+"""
+
+from __future__ import annotations
+
+from clipprior.precompute.engine import recompute_episode, run_precompute
+from clipprior.precompute.plan import (
+    PrecomputeStats,
+    QueryWork,
+    WorkPlan,
+    build_provenance,
+    episode_records,
+    plan_chunks,
+    plan_work,
+)
+
+__all__ = [
+    "PrecomputeStats",
+    "QueryWork",
+    "WorkPlan",
+    "build_provenance",
+    "episode_records",
+    "plan_chunks",
+    "plan_work",
+    "recompute_episode",
+    "run_precompute",
+]

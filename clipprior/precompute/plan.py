@@ -1,0 +1,287 @@
+"""Stage 1, plan: the unique passes behind the episodes, the chunks of a run and their batches.
+
+Everything a run will compute is fixed here, before any pixel is read: which query images and
+(support image, class) pairs run through CLIP, how they are cut into chunks (the unit of
+resumption) and into batches. A resumed run plans exactly the same batches, which is what makes
+it bit-for-bit equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from clipprior import __version__
+from clipprior.config import PriorConfig
+from clipprior.errors import InvalidInputError
+from clipprior.model import ClipBundle
+
+__all__ = [
+    "PrecomputeStats",
+    "QueryWork",
+    "SupportKey",
+    "WorkPlan",
+    "build_provenance",
+    "episode_records",
+    "plan_chunks",
+    "plan_work",
+    "resized_size",
+    "size_batches",
+    "support_homes",
+]
+
+SupportKey = tuple[str, str, int]  # (support image, support label, class id)
+
+
+class Dataset(Protocol):
+    """What the engine needs of a dataset (see :class:`clipprior.data.FSSDataset`).
+
+    An ``image_size(path) -> (height, width)`` method, where present, lets the batches be planned
+    from the image headers instead of decoding every image twice.
+    """
+
+    def load_image(self, path: str) -> np.ndarray: ...
+
+    def load_label(self, path: str) -> np.ndarray: ...
+
+
+class Writer(Protocol):
+    """What the engine needs of a cache writer (see :class:`clipprior.cache.CacheWriter`)."""
+
+    def has_vtp(self, image_key: str, class_id: int) -> bool: ...
+
+    def has_vvp(self, episode_index: int) -> bool: ...
+
+    def has_image(self, image_key: str) -> bool: ...
+
+    def add_image(self, image_key: str, height: int, width: int) -> None: ...
+
+    def add_vtp(self, image_key: str, class_id: int, cam: Any, refined: Any) -> None: ...
+
+    def add_vvp(self, episode_index: int, vvp: Any) -> None: ...
+
+    def commit(self) -> int: ...
+
+
+@dataclass
+class QueryWork:
+    """What one unique query image needs.
+
+    Attributes:
+        image: Image id.
+        label: Label id.
+        classes: Classes whose VTP is needed.
+        episodes: Indices of the episodes whose query this is.
+    """
+
+    image: str
+    label: str
+    classes: set[int] = field(default_factory=set)
+    episodes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkPlan:
+    """The unique passes behind a list of episodes (optionally one shard of them).
+
+    Attributes:
+        queries: Unique query images, in first-appearance order.
+        support_uses: How many episodes of this plan use each (support image, label, class).
+    """
+
+    queries: list[QueryWork]
+    support_uses: dict[SupportKey, int]
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of (image, class) VTP pairs."""
+        return sum(len(q.classes) for q in self.queries)
+
+
+@dataclass
+class PrecomputeStats:
+    """What a run did (passes are counted per image, not per batch).
+
+    Attributes:
+        query_passes: Query images run through CLIP.
+        support_passes: Masked support passes run.
+        vtp_written: VTP entries written.
+        vvp_written: VVP entries written.
+        skipped_vtp: VTP entries already in the cache (resume).
+        skipped_vvp: VVP entries already in the cache (resume).
+    """
+
+    query_passes: int = 0
+    support_passes: int = 0
+    vtp_written: int = 0
+    vvp_written: int = 0
+    skipped_vtp: int = 0
+    skipped_vvp: int = 0
+
+
+def episode_records(episodes: Sequence[Any]) -> list[tuple[int, str, str, int, list[str], list[str]]]:
+    """Episodes as rows of the cache's episode table: (index, query, query_label, class, supports, labels)."""
+    return [
+        (i, e.query_image, e.query_label, int(e.class_id), [s[0] for s in e.supports], [s[1] for s in e.supports])
+        for i, e in enumerate(episodes)
+    ]
+
+
+def plan_work(episodes: Sequence[Any], shard: tuple[int, int] | None = None) -> WorkPlan:
+    """Group episodes by unique query image; with ``shard=(i, n)`` keep every n-th query image from i.
+
+    Args:
+        episodes: Objects with ``query_image``, ``query_label``, ``class_id`` and ``supports``.
+        shard: ``(index, count)``; the queries are dealt round-robin in first-appearance order, so
+            the shards are disjoint, cover everything and have balanced sizes.
+
+    Returns:
+        The :class:`WorkPlan`.
+
+    Raises:
+        InvalidInputError: for an invalid shard.
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> plan = plan_work([E(query_image="a", query_label="a.png", class_id=1, supports=())] * 2)
+        >>> len(plan.queries), plan.queries[0].episodes
+        (1, [0, 1])
+    """
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise InvalidInputError(f"shard {index}/{count} is not valid; use i/n with 0 <= i < n")
+    by_image: dict[str, QueryWork] = {}
+    for i, episode in enumerate(episodes):
+        work = by_image.setdefault(episode.query_image, QueryWork(episode.query_image, episode.query_label))
+        work.classes.add(int(episode.class_id))
+        work.episodes.append(i)
+    queries = list(by_image.values())
+    if shard is not None:
+        queries = queries[shard[0]::shard[1]]
+    uses: dict[SupportKey, int] = defaultdict(int)
+    for work in queries:
+        for i in work.episodes:
+            episode = episodes[i]
+            for image, label in episode.supports:
+                uses[(image, label, int(episode.class_id))] += 1
+    return WorkPlan(queries=queries, support_uses=dict(uses))
+
+
+def build_provenance(
+    clip: ClipBundle, config: PriorConfig, *, dataset: str, fold: int, split: str, shot: int, seed: int,
+    n_episodes: int, list_checksum: str, class_names: Sequence[str], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings a cache depends on, stored in its attributes and compared on resume.
+
+    Example:
+        >>> prov = build_provenance(clip, PriorConfig(), dataset="pascal5i", fold=0, split="val",
+        ...                         shot=1, seed=0, n_episodes=1000, list_checksum="...",
+        ...                         class_names=names)  # doctest: +SKIP
+    """
+    names_digest = hashlib.sha256("\n".join(class_names).encode()).hexdigest()
+    prov: dict[str, Any] = {
+        "clipprior_version": __version__,
+        "model": clip.source,
+        "weights_sha256": clip.checksum,
+        "config": config.to_json(),
+        "text_classes": config.text_classes,
+        "dataset": dataset,
+        "fold": int(fold),
+        "split": split,
+        "shot": int(shot),
+        "seed": int(seed),
+        "episodes": int(n_episodes),
+        "list_sha256": list_checksum,
+        "prompt_names_sha256": names_digest,
+        "geometry": "native: image resized up to a multiple of the patch size; maps on its patch grid",
+    }
+    prov.update(extra or {})
+    return prov
+
+
+def plan_chunks(queries: Sequence[QueryWork], chunk_images: int, chunk_episodes: int) -> list[list[QueryWork]]:
+    """Cut the planned query images, in order, into the chunks of a run.
+
+    A chunk takes images until it holds ``chunk_images`` of them or their episodes reach
+    ``chunk_episodes``; an image is never split, so one image with more episodes than that is a
+    chunk on its own.
+
+    Args:
+        queries: :attr:`WorkPlan.queries`, in first-appearance order.
+        chunk_images: Most images per chunk (>= 1).
+        chunk_episodes: Episode count that closes a chunk (>= 1).
+
+    Returns:
+        The chunks; concatenated, they are ``queries``.
+
+    Raises:
+        InvalidInputError: if either limit is below 1.
+
+    Example:
+        >>> [len(c) for c in plan_chunks(plan_work(episodes).queries, 64, 256)]  # doctest: +SKIP
+        [64, 64, 31]
+    """
+    if chunk_images < 1 or chunk_episodes < 1:
+        raise InvalidInputError(f"chunk_images={chunk_images} and chunk_episodes={chunk_episodes} must be >= 1")
+    chunks: list[list[QueryWork]] = []
+    current: list[QueryWork] = []
+    count = 0
+    for work in queries:
+        current.append(work)
+        count += len(work.episodes)
+        if len(current) >= chunk_images or count >= chunk_episodes:
+            chunks.append(current)
+            current, count = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def support_homes(episodes: Sequence[Any], chunks: Sequence[Sequence[QueryWork]]
+                  ) -> tuple[list[list[SupportKey]], dict[SupportKey, int]]:
+    """Each (support, class) belongs to the chunk of its first use; its support batches run with that chunk's.
+
+    Returns:
+        Per chunk, the keys whose first use it holds (in first-use order), and each key's chunk.
+    """
+    home_keys: list[list[SupportKey]] = []
+    home: dict[SupportKey, int] = {}
+    for c, chunk in enumerate(chunks):
+        keys = []
+        for i in (i for q in chunk for i in q.episodes):
+            for image, label in episodes[i].supports:
+                key = (image, label, int(episodes[i].class_id))
+                if key not in home:
+                    home[key] = c
+                    keys.append(key)
+        home_keys.append(keys)
+    return home_keys, home
+
+
+def resized_size(dataset: Dataset, path: str, patch: int) -> tuple[int, int]:
+    """The size an image is resized up to (a multiple of ``patch``), as the batches are planned on.
+
+    Read from the image header where the dataset can (``image_size``), else from the decoded image.
+    """
+    header = getattr(dataset, "image_size", None)
+    height, width = header(path) if header is not None else dataset.load_image(path).shape[:2]
+    return patch * math.ceil(int(height) / patch), patch * math.ceil(int(width) / patch)
+
+
+def size_batches(items: Sequence[Any], size_of: Callable[[Any], tuple[int, int]], batch_size: int
+                 ) -> Iterable[list[Any]]:
+    """Consecutive groups of at most ``batch_size`` items of equal size, in a stable order."""
+    groups: dict[tuple[int, int], list[Any]] = defaultdict(list)
+    for item in items:
+        groups[size_of(item)].append(item)
+    for size in sorted(groups):
+        group = groups[size]
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
