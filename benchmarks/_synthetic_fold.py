@@ -21,7 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from clipprior.data import MIN_PIXELS, num_classes, read_fss_lists
-from clipprior.data.layout import LAYOUTS
+from clipprior.data.specs import get_dataset
 
 __all__ = ["VOC_SIZES", "write_synthetic_fold"]
 
@@ -117,7 +117,7 @@ def write_synthetic_fold(root: str | Path, list_root: str | Path, fold: int = 0,
         for pair in pairs:
             listed.setdefault(pair, []).append(c)
     others = [c for c in range(1, num_classes("pascal5i") + 1) if c not in lists.classes]
-    layout = LAYOUTS["pascal5i"]
+    layout = get_dataset("pascal5i").layout
     for dirs in (layout.image_dirs[split], layout.label_dirs[split]):
         root.joinpath(*dirs).mkdir(parents=True, exist_ok=True)
     portrait = 0

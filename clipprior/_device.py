@@ -1,21 +1,31 @@
-"""Device and dtype resolution, in one place."""
+"""Device and dtype resolution, in one place (torch loads only when a name is resolved)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from clipprior.errors import InvalidInputError
 
-__all__ = ["model_device_dtype", "resolve_device", "resolve_dtype"]
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
+__all__ = ["DEVICE_NAMES", "DTYPE_NAMES", "resolve_device", "resolve_dtype"]
+
+DTYPE_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+"""The model dtypes, by their short names (the CLI's ``--dtype`` choices)."""
+
+DEVICE_NAMES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
+"""The device names :func:`resolve_device` understands (``cuda:N`` for any index N)."""
+
+# accepted spellings -> torch attribute
+_DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
 }
 
 
@@ -31,6 +41,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
+    import torch
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -52,17 +64,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         >>> resolve_dtype("bf16")
         torch.bfloat16
     """
+    import torch
+
+    supported = {getattr(torch, name) for name in _DTYPE_ALIASES.values()}
     if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in set(_DTYPES.values()):
+        if isinstance(dtype, torch.dtype) and dtype not in supported:
             raise InvalidInputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPE_ALIASES[str(dtype).lower()])
     except KeyError:
-        raise InvalidInputError(f"dtype {dtype!r} is not valid; choose one of ['fp32', 'fp16', 'bf16']") from None
-
-
-def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of a model's parameters (what inputs are moved to)."""
-    param = next(model.parameters())
-    return param.device, param.dtype
+        raise InvalidInputError(f"dtype {dtype!r} is not valid; choose one of {list(DTYPE_NAMES)}") from None

@@ -25,8 +25,11 @@ from typing import Any, Literal
 
 from clipprior.errors import ConfigError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "PriorConfig", "get_preset",
-           "list_presets"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "DEFAULT_MODEL", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "PriorConfig",
+           "get_preset", "list_presets"]
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch16"
+"""The CLIP the paper uses (ViT-B/16), as a HuggingFace hub id: every ``--model`` default."""
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

@@ -32,6 +32,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from clipprior._device import resolve_device, resolve_dtype
+from clipprior.config import DEFAULT_MODEL
 from clipprior.errors import ModelLoadError, WeightsNotFoundError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "load_openai_state_dict",
 ]
 
-DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 _OPENAI_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 _HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")

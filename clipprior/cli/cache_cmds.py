@@ -16,20 +16,19 @@ from rich.text import Text
 
 from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cli._common import (
+    command,
     console,
     debug_option,
     device_option,
     dtype_option,
     err_console,
     handle_errors,
+    model_option,
     progress_bar,
 )
 from clipprior.errors import CacheError
 
 __all__ = ["inspect_cmd", "merge_cmd", "verify_cmd"]
-
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
-
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -131,7 +130,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 # -------------------------------------------------------------------------------------------- inspect
 
 
-@click.command("inspect", context_settings=_CONTEXT)
+@command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine-readable) instead of tables.")
 @click.option("--max-entries", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
@@ -139,7 +138,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @debug_option
 @handle_errors
 def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> None:
-    """Show a prior cache: provenance, counts, sizes and value statistics.
+    r"""Show a prior cache: provenance, counts, sizes and value statistics.
 
     FILE is a cache written by `clipprior precompute` (or `clipprior merge`), or one shard of a
     sharded run. Value statistics are taken inside each entry's own patch grid.
@@ -149,7 +148,7 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
       clipprior inspect priors.h5
       clipprior inspect priors.h5 --max-entries 1000
       clipprior inspect priors.h5 --json > priors-summary.json
-    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
+    """
     cache = PriorCache(file)
     click.get_current_context().call_on_close(cache.close)
     with progress_bar("reading maps", quiet=as_json) as update:
@@ -226,23 +225,23 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
     return problems
 
 
-@click.command("verify", context_settings=_CONTEXT)
+@command("verify")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also recompute N random episodes with the model and compare (0: structural check only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
 @click.option("--atol", type=float, default=1e-2, show_default=True,
               help="Largest absolute difference accepted when recomputing (the cache stores float16).")
-@click.option("--model", default=None, metavar="ID|PATH", help="Model for recomputing (default: the cache's model).")
+@model_option(default=None, help="Model for recomputing (default: the cache's model).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Dataset root for recomputing (default: the one recorded in the cache).")
-@device_option
-@dtype_option
+@device_option()
+@dtype_option()
 @debug_option
 @handle_errors
 def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | None, data_root: Path | None,
                device: str, dtype: str, debug: bool) -> None:
-    """Check a prior cache: every expected entry present and finite.
+    r"""Check a prior cache: every expected entry present and finite.
 
     For every episode the query's VTP (raw and refined) for the episode class and the episode's
     VVP must be in FILE, every map must be finite inside its grid, and the VVP must have
@@ -253,7 +252,7 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
     Examples:
       clipprior verify priors.h5
       clipprior verify priors.h5 --sample 20 --data-root ~/data/VOC2012
-    """  # noqa: D301 - click needs a real \b (backspace)
+    """
     cache = PriorCache(file)
     click.get_current_context().call_on_close(cache.close)
     with progress_bar("checking maps") as update:
@@ -286,14 +285,14 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
 # ---------------------------------------------------------------------------------------------- merge
 
 
-@click.command("merge", context_settings=_CONTEXT)
+@command("merge")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @debug_option
 @handle_errors
 def merge_cmd(out: Path, shards: tuple[Path, ...], overwrite: bool, debug: bool) -> None:
-    """Merge the shard files of a sharded precompute into one cache.
+    r"""Merge the shard files of a sharded precompute into one cache.
 
     SHARDS are all files OUT.shard-I-of-N.h5 of one job (written with --shard I/N, or one per
     rank under torchrun). They must share every setting and together cover every episode; the
@@ -303,7 +302,7 @@ def merge_cmd(out: Path, shards: tuple[Path, ...], overwrite: bool, debug: bool)
     Examples:
       clipprior merge priors.h5 priors.shard-*-of-4.h5
       clipprior merge priors.h5 priors.shard-0-of-2.h5 priors.shard-1-of-2.h5 --overwrite
-    """  # noqa: D301 - click needs a real \b (backspace)
+    """
     with progress_bar("merging") as update:
         path = merge_caches(list(shards), out, overwrite=overwrite, progress=update)
     cache = PriorCache(path)

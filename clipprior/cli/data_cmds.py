@@ -8,26 +8,19 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from clipprior.cli._common import console, debug_option, handle_errors, progress_bar
+from clipprior.cli._common import (
+    command,
+    console,
+    dataset_option,
+    debug_option,
+    fold_option,
+    group,
+    handle_errors,
+    progress_bar,
+)
 from clipprior.errors import InvalidInputError
 
 __all__ = ["coco_to_masks", "lists"]
-
-_DATASETS = ["pascal5i", "coco20i"]
-
-
-def _keep_examples(command: click.Command) -> click.Command:
-    r"""Turn the ``\b`` lines of a raw docstring into Click's no-rewrap marker (the ``\x08`` character).
-
-    Docstrings are raw (pydocstyle D301), so they hold a backslash and a ``b``, which Click does not
-    recognise; without the marker Click rewraps the example commands into one paragraph.
-    """
-    if command.help:
-        command.help = command.help.replace("\\b\n", "\b\n")
-    return command
-
-
-
 
 def _parse_folds(text: str) -> list[int]:
     try:
@@ -45,11 +38,10 @@ def _dataset_options(func: Callable[..., object]) -> Callable[..., object]:
     func = click.option("--data-root", type=click.Path(path_type=Path), required=True,
                         help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder "
                              "(train2014/, val2014/, annotations/{train,val}2014/).")(func)
-    return click.option("--dataset", type=click.Choice(_DATASETS), required=True, help="Benchmark.")(func)
+    return dataset_option()(func)
 
 
-@_keep_examples
-@click.group("lists", context_settings={"help_option_names": ["-h", "--help"]})
+@group("lists")
 def lists() -> None:
     r"""Few-shot list files (data_list / sub_class_file_list) and episode files.
 
@@ -61,7 +53,6 @@ def lists() -> None:
     """
 
 
-@_keep_examples
 @lists.command("build")
 @_dataset_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -126,7 +117,6 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
     console.print(f"[green]wrote[/] {out / 'fss_list'}")
 
 
-@_keep_examples
 @lists.command("check")
 @_dataset_options
 @click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -177,12 +167,11 @@ def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | 
     console.print("[green]all listed files are present" + (" and readable" if decode else "") + "[/]")
 
 
-@_keep_examples
 @lists.command("episodes")
 @_dataset_options
 @click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="The trainers' list folder [default: build the lists from the masks].")
-@click.option("--fold", type=click.IntRange(0, 3), required=True, help="Fold 0-3.")
+@fold_option()
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
               help="val: novel classes (test episodes); train: base classes.")
 @click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help="Supports per episode.")
@@ -221,8 +210,7 @@ def episodes_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path
     console.print(f"[green]wrote[/] {len(episodes)} {shot}-shot episodes of {dataset} fold {fold} {split} to {out}")
 
 
-@_keep_examples
-@click.command("coco-to-masks", context_settings={"help_option_names": ["-h", "--help"]})
+@command("coco-to-masks")
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="COCO instances file: instances_train2014.json or instances_val2014.json.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -14,14 +14,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipprior.cli._common import (
+    command,
     console,
     debug_option,
     device_option,
     dtype_option,
     handle_errors,
     model_option,
+    preset_option,
 )
-from clipprior.config import PriorConfig, get_preset, list_presets
+from clipprior.config import PriorConfig, get_preset
 from clipprior.errors import WeightsNotFoundError
 from clipprior.evaluate import binary_iou, vvp_map
 from clipprior.photos import Photo, flip_crop, load_photo
@@ -140,14 +142,13 @@ def demo_panel(
     return panel, results
 
 
-@click.command("demo")
-@model_option
-@device_option
-@dtype_option
+@command("demo")
+@model_option()
+@device_option()
+@dtype_option()
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default="clipprior-demo.png",
               show_default=True, help="Where to write the PNG panel.")
-@click.option("--preset", type=click.Choice(list_presets()), default="default", show_default=True,
-              help="Prior configuration preset (see clipprior.config).")
+@preset_option()
 @click.option("--cmap", type=click.Choice(sorted(COLORMAPS)), default="jet", show_default=True,
               help="Heat-map colormap.")
 @click.option("--tile-height", type=click.IntRange(64, 1024), default=224, show_default=True,
@@ -156,7 +157,7 @@ def demo_panel(
 @handle_errors
 def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str, tile_height: int,
          debug: bool) -> None:
-    """Run VTP, PIR and VVP on bundled photos and write a Fig. 4-style panel.
+    r"""Run VTP, PIR and VVP on bundled photos and write a Fig. 4-style panel.
 
     Three episodes on public-domain / CC0 photos shipped with clipprior (a person, a cat, a cup),
     each with a hand-drawn support mask; the panel shows query (with its mask), support, VVP, raw
@@ -167,7 +168,7 @@ def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str,
       clipprior demo
       clipprior demo --model ~/weights/ViT-B-16.pt --out demo.png
       clipprior demo --model ./clip-vit-base-patch16 --device cpu --cmap turbo
-    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
+    """
     from clipprior.model import load_clip
 
     config = get_preset(preset)

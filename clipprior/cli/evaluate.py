@@ -16,9 +16,21 @@ from rich.table import Table
 
 from clipprior.cache import PriorCache
 from clipprior.cli._cache_data import PRIOR_TITLES, CacheFacts, cache_facts, load_episode, resolve_data_root
-from clipprior.cli._common import console, debug_option, device_option, dtype_option, err_console, handle_errors
+from clipprior.cli._common import (
+    command,
+    console,
+    dataset_option,
+    debug_option,
+    device_option,
+    dtype_option,
+    err_console,
+    handle_errors,
+    model_option,
+    preset_option,
+)
 from clipprior.data import class_names, dataset_name, load_label, num_classes
-from clipprior.data.layout import LAYOUTS, to_id
+from clipprior.data.layout import to_id
+from clipprior.data.specs import DEFAULT_DATASET, get_dataset
 from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError
 from clipprior.evaluate import (
     CLIP_ES_REFERENCE,
@@ -201,7 +213,7 @@ def read_image_list(path: Path, dataset: str, split: str) -> list[tuple[str, str
     """
     if not path.is_file():
         raise DataNotFoundError(f"image list {path} does not exist")
-    layout = LAYOUTS[dataset_name(dataset)]
+    layout = get_dataset(dataset).layout
     pairs: list[tuple[str, str]] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split()
@@ -348,7 +360,7 @@ def _progress(label: str) -> Progress:
                     console=console, transient=True)
 
 
-@click.command("evaluate")
+@command("evaluate")
 @click.argument("caches", metavar="[CACHE]...", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Dataset folder with the ground-truth masks (default: the one the cache records).")
@@ -362,26 +374,25 @@ def _progress(label: str) -> Progress:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N episodes / images.")
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="[clip-es] Images to score: VOC stems, image paths or 'image label' lines.")
-@click.option("--dataset", default=None, help="[clip-es] pascal5i or coco20i (default: the cache's; else pascal5i).")
+@dataset_option(required=False, help="[clip-es] Benchmark (default: the cache's; else the first one).")
 @click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
               help="[clip-es] Split folders that list stems refer to.")
 @click.option("--bg-power", "bg_powers", type=float, multiple=True, default=(1.0, 2.0), show_default=True,
               help="[clip-es] Background exponent t of (1 - max CAM)^t; repeat for several.")
-@click.option("--model", default=None, metavar="ID|PATH",
-              help="[clip-es] Compute the CAMs with this CLIP instead of reading a cache.")
-@click.option("--preset", default="official", show_default=True, help="[clip-es --model] Prior config preset.")
+@model_option(default=None, help="[clip-es] Compute the CAMs with this CLIP instead of reading a cache.")
+@preset_option(default="official", help="[clip-es --model] Prior config preset.")
 @click.option("--skip-missing", is_flag=True, help="[clip-es] Skip images whose CAMs are not all cached.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every number to this JSON file.")
-@device_option
-@dtype_option
+@device_option()
+@dtype_option()
 @debug_option
 @handle_errors
 def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, threshold: float, thresholds: str,
              per_class: bool, limit: int | None, list_file: Path | None, dataset: str | None, split: str,
              bg_powers: tuple[float, ...], model: str | None, preset: str, skip_missing: bool, json_path: Path | None,
              device: str, dtype: str, debug: bool) -> None:
-    """Score priors against ground truth: mIoU, FB-IoU and AP per class and fold, or the CLIP-ES protocol.
+    r"""Score priors against ground truth: mIoU, FB-IoU and AP per class and fold, or the CLIP-ES protocol.
 
     FSS protocol (default), one CACHE per fold: for each episode, the query's prior is compared
     with its target class (255 ignored, other classes background); intersection and union are
@@ -398,7 +409,7 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
       clipprior evaluate fold0.h5 --data-root ~/data/VOC2012
       clipprior evaluate fold0.h5 fold1.h5 fold2.h5 fold3.h5 --data-root ~/data/VOC2012 --json scores.json
       clipprior evaluate --protocol clip-es --model ~/weights/ViT-B-16.pt --data-root ~/data/VOC2012 --list train.txt
-    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
+    """
     if protocol == "fss":
         if not caches:
             raise click.UsageError("the fss protocol needs at least one CACHE (one per fold)")
@@ -445,7 +456,7 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
     if cache is not None:
         click.get_current_context().call_on_close(cache.close)
     facts = cache_facts(cache) if cache is not None else None
-    name = dataset_name(dataset or (facts.dataset if facts and facts.dataset else "pascal5i"))
+    name = dataset_name(dataset or (facts.dataset if facts and facts.dataset else DEFAULT_DATASET))
     if data_root is None and (facts is None or not facts.data_root):
         raise DataNotFoundError("pass --data-root: the dataset folder with the ground-truth masks")
     root = resolve_data_root(data_root, facts) if facts else Path(data_root).expanduser()  # type: ignore[arg-type]
@@ -456,7 +467,7 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
         for e in cache.episodes:
             labels.update(zip(e.supports, e.support_labels, strict=True))
         keys = sorted({k for k, _ in cache.vtp_keys()})
-        pairs = [(k, labels.get(k) or LAYOUTS[name].label_id(split, Path(k).stem)) for k in keys]
+        pairs = [(k, labels.get(k) or get_dataset(name).layout.label_id(split, Path(k).stem)) for k in keys]
     else:
         raise click.UsageError("pass --list with the images to score (e.g. VOC's ImageSets/Segmentation/train.txt)")
     if limit:

@@ -7,6 +7,7 @@ import importlib
 import click
 
 from clipprior import __version__
+from clipprior.cli._common import Group
 
 __all__ = ["app", "main"]
 
@@ -24,7 +25,7 @@ _COMMANDS: dict[str, str] = {
 }
 
 
-class _LazyGroup(click.Group):
+class _LazyGroup(Group):
     """A group that imports each command's module only when it is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -48,17 +49,17 @@ class _LazyGroup(click.Group):
         return getattr(module, attr)
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_LazyGroup)
 @click.version_option(__version__, prog_name="clipprior")
 def app() -> None:
-    """clipprior: PI-CLIP prior maps (VTP, VVP, PIR) for few-shot segmentation.
+    r"""clipprior: PI-CLIP prior maps (VTP, VVP, PIR) for few-shot segmentation.
 
     \b
     Examples:
       clipprior demo
       clipprior precompute --dataset pascal5i --fold 0 --data-root ~/data/VOC2012
       clipprior inspect priors.h5
-    """  # noqa: D301 - Click needs a real \b (backspace) to keep the examples unwrapped
+    """
 
 
 def main() -> None:

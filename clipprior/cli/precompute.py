@@ -10,12 +10,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clipprior.cli._common import (
     RateColumn,
+    command,
     console,
+    dataset_option,
     debug_option,
     device_option,
     dtype_option,
+    fold_option,
     handle_errors,
     model_option,
+    preset_option,
 )
 from clipprior.errors import InvalidInputError
 
@@ -57,9 +61,9 @@ def _torchrun_device(device: str) -> str:
     return device
 
 
-@click.command("precompute")
-@click.option("--dataset", type=click.Choice(["pascal5i", "coco20i"]), required=True, help="Benchmark.")
-@click.option("--fold", type=click.IntRange(0, 3), required=True, help="Fold 0-3.")
+@command("precompute")
+@dataset_option()
+@fold_option()
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder.")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
@@ -68,16 +72,19 @@ def _torchrun_device(device: str) -> str:
 @click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None,
               help="Number of episodes [default: the trainers' count: PASCAL 1000, COCO 5000].")
 @click.option("--seed", type=int, default=321, show_default=True, help="Episode sampler seed.")
-@model_option
-@device_option
-@dtype_option
+@model_option()
+@device_option()
+@dtype_option()
 @click.option("--batch-size", type=click.IntRange(1, None), default=8, show_default=True, help="Images per CLIP batch.")
 @click.option("--text-classes", type=click.Choice(["target", "present"]), default=None,
               help="Softmax class set: target alone (no labels needed) or every class in the query's ground "
                    "truth (the official code; uses labels) [default: from the preset].")
-@click.option("--preset", default="default", show_default=True, help="Prior config preset: default, official, paper.")
+@preset_option()
 @click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of the trainers' list files (data_list_{fold}.txt, ...); built from the masks if omitted.")
+@click.option("--base-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Without --list-root: the whole-dataset 'image label' list the fold lists are built from (the "
+                   "trainers' lists/pascal/val.txt, voc_sbd_merge_noduplicate.txt, ...) [default: scan the data].")
 @click.option("--episode-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
 @click.option("--coco-split", type=click.Choice(["interleaved", "contiguous"]), default="interleaved",
@@ -96,9 +103,10 @@ def _torchrun_device(device: str) -> str:
 @handle_errors
 def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, n_episodes: int | None, seed: int,
                model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
-               list_root: Path | None, episode_file: Path | None, coco_split: str, on_error: str, shard: str | None,
+               list_root: Path | None, base_list: Path | None, episode_file: Path | None, coco_split: str,
+               on_error: str, shard: str | None,
                chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
-    """Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
+    r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
     cache is written in atomic segments, so rerunning the same command after a crash resumes.
@@ -109,7 +117,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
       clipprior precompute --dataset coco20i --fold 1 --data-root ~/data/MSCOCO2014 --shot 5 --dtype fp16
       clipprior precompute --dataset pascal5i --fold 0 --data-root DIR --shard 0/4 --out p.h5
       torchrun --nproc-per-node 8 -m clipprior.cli.main precompute --dataset coco20i --fold 0 --split train ...
-    """  # noqa: D301 - Click needs a real \b (backspace) to keep the examples unwrapped
+    """
     from clipprior import get_preset, load_clip
     from clipprior.cache import CacheWriter, shard_from_environment
     from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
@@ -122,8 +130,10 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     out = out or _default_out(dataset, fold, split, shot)
 
     console.print(f"[bold]clipprior precompute[/] {dataset} fold {fold} {split}, {shot}-shot -> {out}")
+    if base_list is not None and list_root is not None:
+        raise click.UsageError("--base-list builds the lists; it cannot be combined with --list-root")
     data = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
-                        on_error=on_error)
+                        on_error=on_error, base_list=base_list)
     if episode_file is not None:
         episodes, meta = read_episodes(episode_file)
         meta.check_dataset(data)

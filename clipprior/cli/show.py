@@ -18,7 +18,7 @@ from clipprior.cli._cache_data import (
     parse_episode_spec,
     resolve_data_root,
 )
-from clipprior.cli._common import console, debug_option, handle_errors
+from clipprior.cli._common import command, console, debug_option, handle_errors
 from clipprior.evaluate import PRIOR_KINDS, PriorMeter, binary_iou
 from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, write_html_index
 
@@ -40,7 +40,7 @@ def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, t
                          caption=caption, tile_height=tile_height, cmap=cmap)
 
 
-@click.command("show")
+@command("show")
 @click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--episodes", "episodes_spec", default=":8", show_default=True, metavar="SPEC",
               help="Episodes to draw: indices and ranges ('0,5,10-20'), ':N' for the first N, or 'all'.")
@@ -60,7 +60,7 @@ def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, t
 @handle_errors
 def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: Path | None, html_dir: Path | None,
          cmap: str, tile_height: int, threshold: float, debug: bool) -> None:
-    """Draw cached episodes: query with ground truth, supports with masks, VVP, VTP raw and refined.
+    r"""Draw cached episodes: query with ground truth, supports with masks, VVP, VTP raw and refined.
 
     One PNG per episode; each prior is a heat-map overlay with a colour bar and its IoU against the
     query's ground truth. With --html, the PNGs go to HTML_DIR/episodes and HTML_DIR/index.html
@@ -70,7 +70,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
     Examples:
       clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes 0,5,10-20
       clipprior show priors.h5 --data-root ~/data/VOC2012 --episodes :100 --html report/
-    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples' line breaks
+    """
     cache = PriorCache(cache_path)
     click.get_current_context().call_on_close(cache.close)
     facts = cache_facts(cache)

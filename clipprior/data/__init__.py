@@ -1,6 +1,8 @@
 """The benchmarks' data: PASCAL-5i and COCO-20i as the PFENet-family trainers define them.
 
-- :mod:`~clipprior.data.classes`: class names, PI-CLIP prompt names, fold definitions.
+- :mod:`~clipprior.data.specs`: the dataset registry, one :class:`DatasetSpec` per benchmark
+  (classes, prompt names, layout, fold rule, list-building rule, trainers' episode counts).
+- :mod:`~clipprior.data.classes`: class names, PI-CLIP prompt names, fold definitions, by name.
 - :mod:`~clipprior.data.layout`: the on-disk layouts and the remapping of list paths onto them.
 - :mod:`~clipprior.data.images`: :func:`load_rgb` / :func:`load_label`, the one place files become arrays.
 - :mod:`~clipprior.data.lists`: reading, building (the 2048-pixel rule) and writing the trainers' list files.
@@ -50,6 +52,14 @@ from clipprior.data.lists import (
     write_fss_lists,
 )
 from clipprior.data.report import DataReport, Problem
+from clipprior.data.specs import (
+    DatasetSpec,
+    Layout,
+    dataset_names,
+    get_dataset,
+    register_dataset,
+    unregister_dataset,
+)
 
 __all__ = [
     "COCO_CLASSES",
@@ -61,10 +71,12 @@ __all__ = [
     "TRAINER_EPISODES",
     "CocoMaskStats",
     "DataReport",
+    "DatasetSpec",
     "Episode",
     "EpisodeMeta",
     "FSSDataset",
     "FssLists",
+    "Layout",
     "OptionalDependencyError",
     "Problem",
     "build_fss_lists",
@@ -72,8 +84,10 @@ __all__ = [
     "coco_to_masks",
     "counted_classes",
     "dataset_name",
+    "dataset_names",
     "default_episodes",
     "fold_classes",
+    "get_dataset",
     "load_label",
     "load_pair",
     "load_rgb",
@@ -82,7 +96,9 @@ __all__ = [
     "prompt_names",
     "read_episodes",
     "read_fss_lists",
+    "register_dataset",
     "sample_episodes",
+    "unregister_dataset",
     "write_episodes",
     "write_fss_lists",
 ]

@@ -27,6 +27,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from clipprior.data.specs import (
+    COCO_CLASSES,
+    COCO_PROMPT_NAMES,
+    FOLD_SPLITS,
+    PASCAL_CLASSES,
+    PASCAL_PROMPT_NAMES,
+    DatasetSpec,
+    dataset_names,
+    get_dataset,
+)
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -52,80 +62,32 @@ Split = Literal["val", "train"]
 CocoSplit = Literal["interleaved", "contiguous"]
 NameOverrides = Mapping[int | str, str] | Sequence[str] | str | Path
 
-DATASETS: tuple[str, ...] = ("pascal5i", "coco20i")
 SPLITS: tuple[str, ...] = ("val", "train")
-COCO_SPLITS: tuple[str, ...] = ("interleaved", "contiguous")
+COCO_SPLITS: tuple[str, ...] = FOLD_SPLITS
 NUM_FOLDS = 4
+"""Folds of the built-in benchmarks (a registered spec may have others: :attr:`DatasetSpec.n_folds`)."""
 
-_ALIASES = {"pascal5i": "pascal5i", "pascal": "pascal5i", "pascal-5i": "pascal5i", "voc": "pascal5i",
-            "coco20i": "coco20i", "coco": "coco20i", "coco-20i": "coco20i"}
-
-PASCAL_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)
-
-# The prompt names of the official PI-CLIP code: the VOC names with four of them made more specific.
-PASCAL_PROMPT_NAMES: tuple[str, ...] = tuple(
-    {
-        "bird": "bird avian",
-        "chair": "chair seat",
-        "person": "person with clothes,people,human",
-        "tvmonitor": "tvmonitor screen",
-    }.get(name, name)
-    for name in PASCAL_CLASSES
-)
-
-# The prompt names of the official PI-CLIP code for COCO, spelling included ("sknowboard").
-COCO_PROMPT_NAMES: tuple[str, ...] = (
-    "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird avian", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack,bag", "umbrella,parasol",
-    "handbag,purse", "necktie", "suitcase", "frisbee", "skis", "sknowboard", "sports ball", "kite",
-    "baseball bat", "glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
-    "knife", "dessertspoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
-    "pizza", "donut", "cake", "chair seat", "sofa", "pottedplant", "bed", "diningtable", "toilet",
-    "tvmonitor screen", "laptop", "mouse", "remote control", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hairdrier,blowdrier",
-    "toothbrush",
-)
-
-_CANONICAL = {"pascal5i": PASCAL_CLASSES, "coco20i": COCO_CLASSES}
-_PROMPTS = {"pascal5i": PASCAL_PROMPT_NAMES, "coco20i": COCO_PROMPT_NAMES}
+DATASETS: tuple[str, ...] = dataset_names()
+"""The built-in benchmarks (the registry, :func:`~clipprior.data.specs.dataset_names`, may hold more)."""
 
 
 def dataset_name(name: str) -> str:
-    """Canonical benchmark name of ``name`` (``"pascal5i"`` or ``"coco20i"``; aliases accepted).
+    """Canonical benchmark name of ``name`` (aliases accepted, case-insensitive).
 
     Args:
-        name: ``"pascal5i"``, ``"coco20i"`` or an alias (``"pascal"``, ``"coco"``, ``"pascal-5i"``, ...).
+        name: A registered benchmark's name or alias (``"pascal5i"``, ``"coco"``, ``"pascal-5i"``, ...).
 
     Returns:
-        ``"pascal5i"`` or ``"coco20i"``.
+        The canonical name, e.g. ``"pascal5i"``.
 
     Raises:
-        InvalidInputError: Unknown benchmark name.
+        InvalidInputError: Unknown benchmark name (the message lists the valid ones).
 
     Example:
         >>> dataset_name("COCO")
         'coco20i'
     """
-    key = str(name).strip().lower()
-    if key not in _ALIASES:
-        raise InvalidInputError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
-    return _ALIASES[key]
+    return get_dataset(name).name
 
 
 def num_classes(dataset: str) -> int:
@@ -135,7 +97,7 @@ def num_classes(dataset: str) -> int:
         >>> num_classes("coco20i")
         80
     """
-    return len(_CANONICAL[dataset_name(dataset)])
+    return get_dataset(dataset).num_classes
 
 
 def class_names(dataset: str) -> list[str]:
@@ -145,10 +107,12 @@ def class_names(dataset: str) -> list[str]:
         >>> class_names("pascal5i")[:2]
         ['aeroplane', 'bicycle']
     """
-    return list(_CANONICAL[dataset_name(dataset)])
+    return list(get_dataset(dataset).classes)
 
 
-def _check_fold(fold: int) -> int:
+def _check_fold(fold: int, dataset: str | DatasetSpec | None = None) -> int:
+    if dataset is not None:
+        return get_dataset(dataset).check_fold(fold)
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < NUM_FOLDS:
         raise InvalidInputError(f"fold must be an integer in 0..{NUM_FOLDS - 1}, got {fold!r}")
     return fold
@@ -188,17 +152,12 @@ def fold_classes(dataset: str, fold: int, split: str = "val", coco_split: str = 
         >>> fold_classes("coco20i", 1, coco_split="contiguous")[:3]
         [21, 22, 23]
     """
-    name = dataset_name(dataset)
-    _check_fold(fold)
+    spec = get_dataset(dataset)
+    spec.check_fold(fold)
     _check_split(split)
     _check_coco_split(coco_split)
-    n = num_classes(name)
-    if name == "pascal5i":
-        novel = list(range(5 * fold + 1, 5 * fold + 6))
-    elif coco_split == "interleaved":
-        novel = list(range(fold + 1, n + 1, 4))
-    else:
-        novel = list(range(20 * fold + 1, 20 * fold + 21))
+    novel = spec.novel_classes(fold, coco_split)
+    n = spec.num_classes
     if split == "val":
         return novel
     novel_set = set(novel)
@@ -243,15 +202,16 @@ def prompt_names(dataset: str, overrides: NameOverrides | None = None) -> list[s
         >>> prompt_names("pascal5i", {"bird": "small bird", 9: "chair"})[2:4]
         ['small bird', 'boat']
     """
-    name = dataset_name(dataset)
-    names = list(_PROMPTS[name])
+    spec = get_dataset(dataset)
+    name = spec.name
+    names = list(spec.prompt_names)
     if overrides is None:
         return names
     if isinstance(overrides, (str, Path)):
         overrides = _read_override_file(Path(overrides))
     if isinstance(overrides, Mapping):
         lookup: dict[str, int] = {}
-        for i, (canon, prompt) in enumerate(zip(_CANONICAL[name], _PROMPTS[name], strict=True)):
+        for i, (canon, prompt) in enumerate(zip(spec.classes, spec.prompt_names, strict=True)):
             lookup.setdefault(canon, i)
             lookup.setdefault(prompt, i)
         for key, value in overrides.items():

@@ -277,7 +277,7 @@ def open_dataset(name: str, root: str | os.PathLike[str], fold: int, split: str 
         InvalidInputError: Bad ``name``, ``fold``, ``split``, ``coco_split`` or ``on_error``.
     """
     dataset = dataset_name(name)
-    _check_fold(fold)
+    _check_fold(fold, dataset)
     _check_split(split)
     _check_coco_split(coco_split)
     check_on_error(on_error)

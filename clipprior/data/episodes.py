@@ -59,6 +59,7 @@ from clipprior.data.classes import COCO_SPLITS, SPLITS, dataset_name, fold_class
 from clipprior.data.dataset import FSSDataset
 from clipprior.data.lists import Item
 from clipprior.data.report import Problem, _Policy
+from clipprior.data.specs import COCO_20I, PASCAL_5I, get_dataset
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
 
 __all__ = [
@@ -78,12 +79,11 @@ EPISODE_FORMAT_VERSION = 1
 PROTOCOL = "pfenet"
 
 TRAINER_EPISODES: dict[str, dict[str, int]] = {
-    "pfenet": {"pascal5i": 5000, "coco20i": 20000},
-    "bam": {"pascal5i": 1000, "coco20i": 1000},
-    "hdmnet": {"pascal5i": 1000, "coco20i": 10000},
-    "pi-clip": {"pascal5i": 1000, "coco20i": 5000},
+    trainer: {spec.name: spec.trainer_episodes[trainer] for spec in (PASCAL_5I, COCO_20I)}
+    for trainer in PASCAL_5I.trainer_episodes
 }
-"""Test episodes per run in each trainer's ``test.py`` (``test_num``)."""
+"""Test episodes per run in each trainer's ``test.py`` (``test_num``), for the built-in benchmarks
+(each :class:`~clipprior.data.specs.DatasetSpec` holds its own: ``trainer_episodes``)."""
 
 
 def default_episodes(dataset: str, trainer: str = "pi-clip") -> int:
@@ -93,10 +93,12 @@ def default_episodes(dataset: str, trainer: str = "pi-clip") -> int:
         >>> default_episodes("pascal5i"), default_episodes("coco20i", "bam")
         (1000, 1000)
     """
+    spec = get_dataset(dataset)
     key = trainer.lower()
-    if key not in TRAINER_EPISODES:
-        raise InvalidInputError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINER_EPISODES)}")
-    return TRAINER_EPISODES[key][dataset_name(dataset)]
+    if key not in spec.trainer_episodes:
+        raise InvalidInputError(f"unknown trainer {trainer!r} for {spec.name}; use one of "
+                                f"{', '.join(spec.trainer_episodes)}")
+    return spec.trainer_episodes[key]
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,8 @@ class EpisodeMeta:
         expected = EpisodeMeta.for_dataset(dataset, self.shot, self.seed, self.n_episodes)
         diffs = [f"{f}: file {getattr(self, f)!r} != dataset {getattr(expected, f)!r}"
                  for f in ("dataset", "fold", "split", "coco_split", "list_checksum")
-                 if getattr(self, f) != getattr(expected, f) and not (f == "coco_split" and self.dataset == "pascal5i")]
+                 if getattr(self, f) != getattr(expected, f)
+                 and not (f == "coco_split" and not get_dataset(self.dataset).fold_splits)]
         if diffs:
             raise DatasetError("these episodes were not sampled from this dataset's lists: " + "; ".join(diffs))
 

@@ -28,59 +28,12 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from clipprior.data.classes import dataset_name
+from clipprior.data.specs import Layout, get_dataset
 from clipprior.errors import DataNotFoundError, DatasetError
 
-__all__ = ["LAYOUTS", "Layout", "check_root", "to_id"]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Folders of one benchmark, relative to its data root.
-
-    Attributes:
-        image_dirs: Per split, the folder (as path components) holding the images.
-        label_dirs: Per split, the folder holding the masks.
-        image_ext: Extension of the images (``".jpg"``).
-        label_ext: Extension of the masks (``".png"``).
-        root_name: The usual name of the root folder, for messages.
-    """
-
-    image_dirs: dict[str, tuple[str, ...]]
-    label_dirs: dict[str, tuple[str, ...]]
-    image_ext: str
-    label_ext: str
-    root_name: str
-
-    def image_id(self, split: str, stem: str) -> str:
-        """Id of the image named ``stem`` (no extension) in ``split``."""
-        return "/".join((*self.image_dirs[split], stem + self.image_ext))
-
-    def label_id(self, split: str, stem: str) -> str:
-        """Id of the mask named ``stem`` (no extension) in ``split``."""
-        return "/".join((*self.label_dirs[split], stem + self.label_ext))
-
-    def prefixes(self, kind: str) -> set[tuple[str, ...]]:
-        """Every folder (as components) an image (``kind="image"``) or mask (``"label"``) may live in."""
-        dirs = self.image_dirs if kind == "image" else self.label_dirs
-        return set(dirs.values())
-
-
-LAYOUTS: dict[str, Layout] = {
-    "pascal5i": Layout(
-        image_dirs={"val": ("JPEGImages",), "train": ("JPEGImages",)},
-        label_dirs={"val": ("SegmentationClassAug",), "train": ("SegmentationClassAug",)},
-        image_ext=".jpg", label_ext=".png", root_name="VOC2012",
-    ),
-    "coco20i": Layout(
-        image_dirs={"val": ("val2014",), "train": ("train2014",)},
-        label_dirs={"val": ("annotations", "val2014"), "train": ("annotations", "train2014")},
-        image_ext=".jpg", label_ext=".png", root_name="MSCOCO2014",
-    ),
-}
+__all__ = ["Layout", "check_root", "to_id"]
 
 
 def to_id(path: str, dataset: str, kind: str) -> str:
@@ -97,7 +50,8 @@ def to_id(path: str, dataset: str, kind: str) -> str:
     Raises:
         DatasetError: No known folder of that kind precedes the file name.
     """
-    layout = LAYOUTS[dataset_name(dataset)]
+    spec = get_dataset(dataset)
+    layout = spec.layout
     parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
     best: tuple[str, ...] | None = None
     for prefix in layout.prefixes(kind):
@@ -106,7 +60,7 @@ def to_id(path: str, dataset: str, kind: str) -> str:
             best = prefix
     if best is None:
         folders = " or ".join("/".join(p) + "/" for p in sorted(layout.prefixes(kind)))
-        raise DatasetError(f"{kind} path {path!r} is not inside {folders} (the {dataset_name(dataset)} layout)")
+        raise DatasetError(f"{kind} path {path!r} is not inside {folders} (the {spec.name} layout)")
     return "/".join((*best, parts[-1]))
 
 
@@ -120,8 +74,8 @@ def check_root(root: str | os.PathLike[str], dataset: str, splits: tuple[str, ..
         DataNotFoundError: The root or one of its expected folders is missing; the message says
             what was expected and, when it can tell, which folder should have been passed.
     """
-    name = dataset_name(dataset)
-    layout = LAYOUTS[name]
+    spec = get_dataset(dataset)
+    name, layout = spec.name, spec.layout
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"{name} data root {root} does not exist or is not a folder; "

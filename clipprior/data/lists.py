@@ -39,8 +39,9 @@ import numpy as np
 
 from clipprior.data.classes import dataset_name, fold_classes
 from clipprior.data.images import load_label
-from clipprior.data.layout import LAYOUTS, to_id
+from clipprior.data.layout import to_id
 from clipprior.data.report import DataReport, Problem, _Policy
+from clipprior.data.specs import get_dataset
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
 
 __all__ = [
@@ -67,9 +68,6 @@ Item = tuple[str, str]
 
 ProgressFn = Callable[[int, int], None]
 """Progress callback: ``progress(done, total)``."""
-
-_SHORT = {"pascal5i": "pascal", "coco20i": "coco"}
-
 
 def class_pixel_counts(label: np.ndarray) -> dict[int, int]:
     """Pixel count of every value present in a mask, 0 and 255 included.
@@ -268,11 +266,12 @@ def find_list_files(list_root: str | os.PathLike[str], dataset: str, fold: int, 
     Raises:
         DataNotFoundError: No ``data_list_{fold}.txt`` in any of those places.
     """
-    name = dataset_name(dataset)
+    spec = get_dataset(dataset)
+    name = spec.name
     root = Path(list_root).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"list folder {root} does not exist")
-    candidates = [root / "fss_list" / split, root / split, root, root / _SHORT[name] / "fss_list" / split]
+    candidates = [root / "fss_list" / split, root / split, root, root / spec.list_dir / "fss_list" / split]
     for folder in candidates:
         data_list = folder / f"data_list_{fold}.txt"
         if data_list.is_file():
@@ -319,33 +318,6 @@ def read_fss_lists(list_root: str | os.PathLike[str], dataset: str, fold: int, s
                     sources=sources)
 
 
-def _scan_pascal(root: Path, split: str) -> list[Item]:
-    layout = LAYOUTS["pascal5i"]
-    val_file = root / "ImageSets" / "Segmentation" / "val.txt"
-    if not val_file.is_file():
-        raise DataNotFoundError(f"{val_file} does not exist: without a base list, it tells PASCAL's val images "
-                                "apart; pass a base list instead (the trainers' lists/pascal/val.txt for val, "
-                                "voc_sbd_merge_noduplicate.txt for train)")
-    val_stems = [line.split()[0] for line in val_file.read_text(encoding="utf-8").splitlines() if line.split()]
-    if split == "val":
-        stems = val_stems
-    else:
-        excluded = set(val_stems)
-        label_dir = root.joinpath(*layout.label_dirs["train"])
-        stems = sorted(p.stem for p in label_dir.glob("*" + layout.label_ext) if p.stem not in excluded)
-    return [(layout.image_id(split, s), layout.label_id(split, s)) for s in stems]
-
-
-def _scan_coco(root: Path, split: str) -> list[Item]:
-    layout = LAYOUTS["coco20i"]
-    label_dir = root.joinpath(*layout.label_dirs[split])
-    if not label_dir.is_dir():
-        raise DataNotFoundError(f"COCO mask folder {label_dir} does not exist; create it with "
-                                f"'clipprior coco-to-masks --annotations instances_{split}2014.json --out {label_dir}'")
-    stems = sorted(p.stem for p in label_dir.glob("*" + layout.label_ext))
-    return [(layout.image_id(split, s), layout.label_id(split, s)) for s in stems]
-
-
 def base_items(dataset: str, root: str | os.PathLike[str], split: str, base_list: str | os.PathLike[str] | None = None,
                *, on_error: str = "raise", report: DataReport | None = None) -> list[Item]:
     """The whole-dataset list the fold lists are built from.
@@ -356,8 +328,9 @@ def base_items(dataset: str, root: str | os.PathLike[str], split: str, base_list
         split: ``"val"`` or ``"train"``.
         base_list: An ``"image label"`` list (e.g. the trainers' ``lists/pascal/val.txt``,
             ``voc_sbd_merge_noduplicate.txt``, ``lists/coco/val.txt``). Without it the data is
-            scanned: PASCAL val = ``ImageSets/Segmentation/val.txt``, PASCAL train = every
-            ``SegmentationClassAug`` mask not in val (sorted), COCO = every mask under
+            scanned by the dataset's :attr:`~clipprior.data.specs.DatasetSpec.scan` rule: PASCAL
+            val = ``ImageSets/Segmentation/val.txt``, PASCAL train = every ``SegmentationClassAug``
+            mask not in val (sorted), COCO = every mask under
             ``annotations/{split}2014`` (sorted). The scan gives the same images in the same rule
             but not the trainers' order or exact image set: for lists identical to the trainers',
             pass their base list.
@@ -367,11 +340,10 @@ def base_items(dataset: str, root: str | os.PathLike[str], split: str, base_list
     Returns:
         (image id, label id) pairs.
     """
-    name = dataset_name(dataset)
+    spec = get_dataset(dataset)
     if base_list is not None:
-        return read_data_list(base_list, name, on_error=on_error, report=report)
-    root = Path(root)
-    return _scan_pascal(root, split) if name == "pascal5i" else _scan_coco(root, split)
+        return read_data_list(base_list, spec.name, on_error=on_error, report=report)
+    return spec.scan(spec, Path(root), split)
 
 
 def build_fss_lists(dataset: str, root: str | os.PathLike[str], split: str, folds: Iterable[int] = (0, 1, 2, 3),

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipprior.data.classes import dataset_name, num_classes
-from clipprior.data.layout import LAYOUTS
 from clipprior.data.lists import MIN_PIXELS
+from clipprior.data.specs import get_dataset
 from clipprior.errors import InvalidInputError
 
 __all__ = ["stripe_mask", "write_synthetic", "write_synthetic_coco", "write_synthetic_pascal"]
@@ -67,19 +66,20 @@ def write_synthetic(root: str | os.PathLike[str], dataset: str, images: Mapping[
 
     Args:
         root: Data root to create (``VOC2012``-like or ``MSCOCO2014``-like).
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: A registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         images: ``{split: {stem: classes}}``; e.g. ``{"val": {"2007_000033": [1, 15]}}``.
         size: (H, W) of every image.
         seed: Seed of the image noise.
 
     Returns:
-        ``root`` as a Path. For PASCAL, ``ImageSets/Segmentation/{val,train}.txt`` list the stems.
+        ``root`` as a Path. Splits with a stem list in the layout (PASCAL's
+        ``ImageSets/Segmentation/{val,train}.txt``) get it written.
     """
-    name = dataset_name(dataset)
-    layout = LAYOUTS[name]
+    spec = get_dataset(dataset)
+    layout = spec.layout
     root = Path(root)
     rng = np.random.default_rng(seed)
-    n = num_classes(name)
+    n = spec.num_classes
     for split, entries in images.items():
         for stem, classes in entries.items():
             if any(not 1 <= c <= n for c in classes):
@@ -91,11 +91,11 @@ def write_synthetic(root: str | os.PathLike[str], dataset: str, images: Mapping[
             label_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(_image(mask, rng)).save(image_path, quality=90)
             Image.fromarray(mask).save(label_path)
-        if name == "pascal5i":
-            sets = root / "ImageSets" / "Segmentation"
-            sets.mkdir(parents=True, exist_ok=True)
-            (sets / f"{split}.txt").write_text("".join(f"{s}\n" for s in entries), encoding="utf-8")
-    for split in ("val", "train"):  # the layout's folders exist even for a split without images
+        if split in layout.stem_lists:
+            stem_list = root.joinpath(*layout.stem_lists[split])
+            stem_list.parent.mkdir(parents=True, exist_ok=True)
+            stem_list.write_text("".join(f"{s}\n" for s in entries), encoding="utf-8")
+    for split in layout.image_dirs:  # the layout's folders exist even for a split without images
         (root.joinpath(*layout.image_dirs[split])).mkdir(parents=True, exist_ok=True)
         (root.joinpath(*layout.label_dirs[split])).mkdir(parents=True, exist_ok=True)
     return root
