@@ -64,7 +64,7 @@ def test_builtin_specs_are_registered_in_order() -> None:
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(InvalidInputError, match="unknown dataset 'lvis'.*pascal5i, coco20i"):
+    with pytest.raises(InvalidInputError, match=r"unknown dataset 'lvis'.*pascal5i, coco20i"):
         get_dataset("lvis")
 
 
