@@ -49,3 +49,17 @@ def test_cli_is_installed_under_the_package():
     found = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('cli') is None)"],
                            capture_output=True, text=True, check=True, cwd="/").stdout.strip()
     assert found == "True"
+
+
+def test_every_source_folder_is_a_package_the_build_finds():
+    # pyproject.toml finds packages by `include = ["clipprior", "clipprior.*"]`: a folder of modules without
+    # __init__.py would be left out of a wheel (an editable install would still import it).
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(clipprior.__file__).parent
+    folders = {p.parent for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    expected = {".".join(f.relative_to(root.parent).parts) for f in folders}
+    found = set(find_packages(str(root.parent), include=["clipprior", "clipprior.*"]))
+    assert expected <= found, sorted(expected - found)
