@@ -16,8 +16,10 @@ file layout is specified in ``docs/cache-format.md``; in short:
 * ``shard=(i, n)`` splits a job over processes or machines; :func:`merge_caches` joins the shard
   files into the file a single run would have written.
 
-The implementation lives in private modules (``_write``, ``_read``, ``_report``,
-``_union``, ``_h5``); this module is the public surface.
+The implementation lives in private modules: ``_format`` declares the file format once (every
+dataset path, attribute, file-name rule and map kind; read it before adding a kind), ``_h5`` the
+low-level HDF5 code, ``_write`` / ``_union`` the writer and merge, ``_read`` the reader,
+``_report`` inspect and verify. This module is the public surface.
 
 Example:
     >>> import numpy as np, tempfile, pathlib
@@ -33,11 +35,12 @@ Example:
 
 from __future__ import annotations
 
-from clipprior.cache._h5 import FORMAT_NAME, FORMAT_VERSION, EpisodeRecord
+from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, parts_dir, shard_path
+from clipprior.cache._h5 import EpisodeRecord
 from clipprior.cache._read import PriorCache, Size, letterbox_prior, resize_prior
 from clipprior.cache._report import CheckReport, check_cache, summarize_cache
 from clipprior.cache._union import provenance_diff
-from clipprior.cache._write import CacheWriter, merge_caches, parts_dir, shard_from_environment, shard_path
+from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environment
 
 __all__ = [
     "FORMAT_NAME",

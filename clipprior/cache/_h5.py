@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
+from clipprior.cache import _format as fmt
+from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, RESERVED_ATTRS, MapKind, Table
 from clipprior.errors import CacheError
 
 __all__ = [
@@ -41,21 +43,14 @@ __all__ = [
     "FileIndex",
     "MapPlan",
     "SourceSet",
+    "TableIndex",
     "atomic_h5",
     "fsync_dir",
     "open_read",
     "pad_stack",
+    "read_rows",
     "write_cache_file",
 ]
-
-FORMAT_NAME = "clipprior-prior-cache"
-FORMAT_VERSION = 1
-
-#: Root attributes written by clipprior itself; provenance keys may not use these names.
-RESERVED_ATTRS = frozenset({
-    "format", "format_version", "kind", "provenance", "run_id", "created_utc", "finalized_utc", "shard_index",
-    "shard_count",
-})
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 MAP_DTYPE = np.dtype("float16")
@@ -213,17 +208,18 @@ def open_read(path: Path, *, cache_bytes: int = 1 << 20) -> h5py.File:
         raise CacheError(f"no prior cache at {path}") from err
     except OSError as err:
         raise CacheError(f"{path} is not a readable HDF5 file ({err}); is it a clipprior prior cache?") from err
-    fmt = handle.attrs.get("format")
-    if isinstance(fmt, bytes):
-        fmt = fmt.decode()
-    if fmt != FORMAT_NAME:
+    name = handle.attrs.get(fmt.ATTR_FORMAT)
+    if isinstance(name, bytes):
+        name = name.decode()
+    if name != FORMAT_NAME:
         handle.close()
-        raise CacheError(f"{path} is an HDF5 file but not a clipprior prior cache (attribute format={fmt!r})")
-    version = int(handle.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+        raise CacheError(f"{path} is an HDF5 file but not a clipprior prior cache (attribute format={name!r})")
+    version = int(handle.attrs.get(fmt.ATTR_VERSION, -1))
+    if version not in fmt.READABLE_VERSIONS:
         handle.close()
         raise CacheError(
-            f"{path} uses cache format version {version}; this clipprior reads version {FORMAT_VERSION}"
+            f"{path} uses cache format version {version}; this clipprior reads versions "
+            f"{sorted(fmt.READABLE_VERSIONS)}; upgrade clipprior (or rerun precompute) to read it"
         )
     return handle
 
@@ -235,6 +231,56 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return [str(s) for s in ds.asstr()[...].reshape(-1)] if ds.size else []
 
 
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique, non-empty) of a dataset, stacked.
+
+    Dense selections are read as one contiguous slab and then indexed (much faster than HDF5's
+    point selection); sparse ones with a point selection.
+    """
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo <= 2 * len(rows):
+        return dataset[lo:hi][rows - lo]
+    return dataset[rows]
+
+
+@dataclass
+class TableIndex:
+    """The keys and grids of one entry table (see :class:`clipprior.cache._format.Table`).
+
+    Attributes:
+        keys: Row keys, in row order: ``(image_key, class_id)``, an episode index or an image key.
+        grids: (M, 2) patch grid (h, w) per row.
+        channels: ``{kind name: C}`` for the table's (C, h, w) kinds (0 when the file has none).
+    """
+
+    keys: list[Any]
+    grids: np.ndarray
+    channels: dict[str, int] = field(default_factory=dict)
+
+
+def _read_keys(handle: h5py.File, table: Table, image_keys: Sequence[str]) -> list[Any]:
+    columns = [handle[path][...].reshape(-1).tolist() for path, _ in table.key_columns]
+    by_image = table.keyed_by in ("image_class", "image")
+    if by_image and columns[0] and (min(columns[0]) < 0 or max(columns[0]) >= len(image_keys)):
+        raise CacheError(f"{handle.filename}: {table.key_columns[0][0]} points outside {fmt.IMAGES_KEY}; "
+                         "the file is damaged: recompute it (or restore a copy)")
+    if table.keyed_by == "image_class":
+        return [(image_keys[i], int(c)) for i, c in zip(*columns, strict=True)]
+    if table.keyed_by == "image":
+        return [image_keys[i] for i in columns[0]]
+    return [int(e) for e in columns[0]]
+
+
+def _encode_keys(table: Table, keys: Sequence[Any], image_row: Mapping[str, int]) -> list[np.ndarray]:
+    if table.keyed_by == "image_class":
+        values = [[image_row[k[0]] for k in keys], [k[1] for k in keys]]
+    elif table.keyed_by == "image":
+        values = [[image_row[k] for k in keys]]
+    else:
+        values = [list(keys)]
+    return [np.asarray(v, dtype).reshape(-1) for v, (_, dtype) in zip(values, table.key_columns, strict=True)]
+
+
 @dataclass
 class FileIndex:
     """Everything of a cache-layout file except the maps themselves (small enough to hold in RAM).
@@ -244,12 +290,8 @@ class FileIndex:
         attrs: Root attributes (``provenance`` decoded to a dict).
         image_keys: Image keys, in file order.
         image_sizes: (N, 2) original (height, width) per image.
-        vtp_image: (M,) row in ``image_keys`` of each VTP entry.
-        vtp_class: (M,) class id of each VTP entry.
-        vtp_grid: (M, 2) patch grid (h, w) of each VTP entry.
-        vvp_episode: (E,) episode index of each VVP entry.
-        vvp_grid: (E, 2) patch grid (h, w) of each VVP entry.
-        vvp_channels: Channels C of the VVP maps (0 when the file has none).
+        tables: ``{group: TableIndex}`` for every table of :data:`clipprior.cache._format.TABLES`
+            (a table the file lacks is empty).
         episodes: Episode table rows.
     """
 
@@ -257,12 +299,7 @@ class FileIndex:
     attrs: dict[str, Any]
     image_keys: list[str]
     image_sizes: np.ndarray
-    vtp_image: np.ndarray
-    vtp_class: np.ndarray
-    vtp_grid: np.ndarray
-    vvp_episode: np.ndarray
-    vvp_grid: np.ndarray
-    vvp_channels: int
+    tables: dict[str, TableIndex]
     episodes: list[EpisodeRecord] = field(default_factory=list)
 
     @classmethod
@@ -271,19 +308,26 @@ class FileIndex:
         attrs: dict[str, Any] = {}
         for name, value in handle.attrs.items():
             attrs[name] = value.decode() if isinstance(value, bytes) else value
-        attrs["provenance"] = json.loads(attrs.get("provenance", "{}"))
-        vvp_maps = handle["vvp/maps"]
+        attrs[fmt.ATTR_PROVENANCE] = json.loads(attrs.get(fmt.ATTR_PROVENANCE, "{}"))
+        image_keys = _strings(handle[fmt.IMAGES_KEY])
+        tables: dict[str, TableIndex] = {}
+        for table in fmt.TABLES.values():
+            if table.group not in handle:  # a table declared after this file was written
+                tables[table.group] = TableIndex([], np.zeros((0, 2), np.int64))
+                continue
+            channels = {}
+            for k in fmt.kinds_of(table.group):
+                if k.channels:
+                    maps = handle[k.name]
+                    channels[k.name] = int(maps.shape[1]) if maps.ndim == 4 else 0
+            tables[table.group] = TableIndex(_read_keys(handle, table, image_keys),
+                                             handle[table.grid][...].reshape(-1, 2), channels)
         return cls(
             path=Path(handle.filename),
             attrs=attrs,
-            image_keys=_strings(handle["images/key"]),
-            image_sizes=handle["images/size"][...].reshape(-1, 2),
-            vtp_image=handle["vtp/image"][...],
-            vtp_class=handle["vtp/class_id"][...],
-            vtp_grid=handle["vtp/grid"][...].reshape(-1, 2),
-            vvp_episode=handle["vvp/episode"][...],
-            vvp_grid=handle["vvp/grid"][...].reshape(-1, 2),
-            vvp_channels=int(vvp_maps.shape[1]) if vvp_maps.ndim == 4 else 0,
+            image_keys=image_keys,
+            image_sizes=handle[fmt.IMAGES_SIZE][...].reshape(-1, 2),
+            tables=tables,
             episodes=read_episodes(handle),
         )
 
@@ -293,11 +337,6 @@ class FileIndex:
         with open_read(path, cache_bytes=0) as handle:
             return cls.read(handle)
 
-    def vtp_keys(self) -> Iterator[tuple[str, int]]:
-        """``(image_key, class_id)`` of each VTP row, in row order."""
-        keys = self.image_keys
-        return ((keys[i], int(c)) for i, c in zip(self.vtp_image.tolist(), self.vtp_class.tolist(), strict=True))
-
     def image_items(self) -> Iterator[tuple[str, tuple[int, int]]]:
         """``(image_key, (height, width))`` of each image."""
         sizes = self.image_sizes.tolist()
@@ -306,16 +345,17 @@ class FileIndex:
 
 def read_episodes(handle: h5py.File) -> list[EpisodeRecord]:
     """The episode table of an open cache-layout file, in file order."""
-    group = handle["episodes"]
-    indices = group["index"][...].tolist()
+    group = handle[fmt.EPISODES]
+    c_index, c_query, c_label, c_class, c_support, c_support_label = fmt.EPISODE_COLUMNS
+    indices = group[c_index][...].tolist()
     if not indices:
         return []
-    queries = _strings(group["query"])
-    query_labels = _strings(group["query_label"])
-    classes = group["class_id"][...].tolist()
-    shot = int(group["support"].shape[1])
-    supports = _strings(group["support"])
-    support_labels = _strings(group["support_label"])
+    queries = _strings(group[c_query])
+    query_labels = _strings(group[c_label])
+    classes = group[c_class][...].tolist()
+    shot = int(group[c_support].shape[1])
+    supports = _strings(group[c_support])
+    support_labels = _strings(group[c_support_label])
     return [
         EpisodeRecord(
             int(index), queries[row], query_labels[row], int(classes[row]),
@@ -360,25 +400,29 @@ def _create_dataset(group: h5py.Group, name: str, data: np.ndarray | None = None
 
 @dataclass
 class MapPlan:
-    """Where the rows of one map dataset of the output come from.
+    """Where the rows of one table of the output come from.
 
     Attributes:
         sources: Per output row, the index of its source in the :class:`SourceSet`.
         rows: Per output row, the row inside that source.
         grids: (M, 2) patch grid of each output row.
-        lead: Leading per-row dimensions before (H, W): ``()`` for VTP, ``(C,)`` for VVP.
+        channels: ``{kind name: C}`` for the table's (C, h, w) kinds.
     """
 
     sources: np.ndarray
     rows: np.ndarray
     grids: np.ndarray
-    lead: tuple[int, ...] = ()
+    channels: dict[str, int] = field(default_factory=dict)
 
     def max_hw(self) -> tuple[int, int]:
-        """The padded (H, W) of the output dataset."""
+        """The padded (H, W) of the output datasets."""
         if not len(self.grids):
             return (0, 0)
         return int(self.grids[:, 0].max()), int(self.grids[:, 1].max())
+
+    def lead(self, kind: MapKind) -> tuple[int, ...]:
+        """Leading per-row dimensions of ``kind`` before (H, W): ``()`` or ``(C,)``."""
+        return (self.channels.get(kind.name, 0),) if kind.channels else ()
 
 
 class SourceSet:
@@ -386,8 +430,8 @@ class SourceSet:
 
     Args:
         paths: Source files (cache layout), addressed by position.
-        memory: Optional in-memory sources, addressed by ``len(paths) + i``: mappings from a dataset
-            name (``"vtp/cam"``, ...) to a list of per-row arrays.
+        memory: Optional in-memory sources, addressed by ``len(paths) + i``: mappings from a map
+            kind's name (e.g. ``vtp/cam``) to a list of per-row arrays.
     """
 
     def __init__(self, paths: Sequence[Path], memory: Sequence[Mapping[str, Sequence[np.ndarray]]] = ()) -> None:
@@ -410,12 +454,7 @@ class SourceSet:
         if source >= len(self.paths):
             data = self.memory[source - len(self.paths)][name]
             return [data[r] for r in rows.tolist()]
-        dataset = self._handle(source)[name]
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo <= 2 * len(rows):  # dense: one contiguous read beats a point selection
-            block = dataset[lo:hi]
-            return block[rows - lo]
-        return dataset[rows]
+        return read_rows(self._handle(source)[name], rows)
 
     def close(self) -> None:
         """Close every open source."""
@@ -430,31 +469,33 @@ class SourceSet:
         self.close()
 
 
-def _copy_maps(group: h5py.Group, names: Sequence[str], plan: MapPlan, sources: SourceSet,
+def _copy_maps(group: h5py.Group, kinds: Sequence[MapKind], plan: MapPlan, sources: SourceSet,
                progress: Callable[[int], None] | None) -> None:
-    """Create the map datasets ``names`` of ``group`` and fill them block by block from ``sources``."""
+    """Create the map datasets of ``kinds`` in ``group`` and fill them block by block from ``sources``."""
     total = len(plan.rows)
     hmax, wmax = plan.max_hw()
-    shape = (total, *plan.lead, hmax, wmax)
+    shapes = [(total, *plan.lead(k), hmax, wmax) for k in kinds]
     datasets = [
-        _create_dataset(group, name, shape=shape, dtype=MAP_DTYPE, chunks=(1, *plan.lead, hmax, wmax), compress=True)
-        for name in names
+        _create_dataset(group, k.name.split("/", 1)[1], shape=shape, dtype=k.dtype, chunks=(1, *shape[1:]),
+                        compress=True)
+        for k, shape in zip(kinds, shapes, strict=True)
     ]
     if not total:
         return
-    row_bytes = max(1, int(np.prod(shape[1:])) * MAP_DTYPE.itemsize)
-    block = max(1, BLOCK_BYTES // row_bytes)
+    row_bytes = max(1, sum(int(np.prod(s[1:])) * np.dtype(k.dtype).itemsize for k, s in zip(kinds, shapes,
+                                                                                            strict=True)))
+    block = max(1, BLOCK_BYTES * len(kinds) // row_bytes)
     for start in range(0, total, block):
         stop = min(total, start + block)
         src = plan.sources[start:stop]
         rows = plan.rows[start:stop]
-        buffers = [np.zeros((stop - start, *shape[1:]), MAP_DTYPE) for _ in names]
+        buffers = [np.zeros((stop - start, *s[1:]), k.dtype) for k, s in zip(kinds, shapes, strict=True)]
         for source in np.unique(src).tolist():
             where = np.flatnonzero(src == source)
             order = np.argsort(rows[where], kind="stable")
             where, wanted = where[order], rows[where][order]
-            for buffer, name in zip(buffers, names, strict=True):
-                arrays = sources.read(source, f"{group.name.strip('/')}/{name}", wanted)
+            for buffer, k in zip(buffers, kinds, strict=True):
+                arrays = sources.read(source, k.name, wanted)
                 for out_row, arr in zip(where.tolist(), arrays, strict=True):
                     h, w = min(arr.shape[-2], hmax), min(arr.shape[-1], wmax)
                     buffer[out_row, ..., :h, :w] = arr[..., :h, :w]
@@ -465,20 +506,21 @@ def _copy_maps(group: h5py.Group, names: Sequence[str], plan: MapPlan, sources: 
 
 
 def _write_episodes(handle: h5py.File, episodes: Sequence[EpisodeRecord]) -> None:
-    group = handle.create_group("episodes")
+    group = handle.create_group(fmt.EPISODES)
+    c_index, c_query, c_label, c_class, c_support, c_support_label = fmt.EPISODE_COLUMNS
     shot = len(episodes[0].supports) if episodes else 0
-    _create_dataset(group, "index", np.asarray([e.index for e in episodes], np.int64))
-    _create_dataset(group, "query", np.asarray([e.query for e in episodes], dtype=object), dtype=STR_DTYPE)
-    _create_dataset(group, "query_label", np.asarray([e.query_label for e in episodes], dtype=object),
+    _create_dataset(group, c_index, np.asarray([e.index for e in episodes], np.int64))
+    _create_dataset(group, c_query, np.asarray([e.query for e in episodes], dtype=object), dtype=STR_DTYPE)
+    _create_dataset(group, c_label, np.asarray([e.query_label for e in episodes], dtype=object),
                     dtype=STR_DTYPE)
-    _create_dataset(group, "class_id", np.asarray([e.class_id for e in episodes], np.int32))
+    _create_dataset(group, c_class, np.asarray([e.class_id for e in episodes], np.int32))
     supports = np.empty((len(episodes), shot), dtype=object)
     labels = np.empty((len(episodes), shot), dtype=object)
     for row, episode in enumerate(episodes):
         supports[row] = episode.supports
         labels[row] = episode.support_labels
-    _create_dataset(group, "support", supports, dtype=STR_DTYPE)
-    _create_dataset(group, "support_label", labels, dtype=STR_DTYPE)
+    _create_dataset(group, c_support, supports, dtype=STR_DTYPE)
+    _create_dataset(group, c_support_label, labels, dtype=STR_DTYPE)
 
 
 def _attr_value(value: Any) -> Any:
@@ -494,10 +536,7 @@ def write_cache_file(
     attrs: Mapping[str, Any],
     provenance: Mapping[str, Any],
     images: Sequence[tuple[str, tuple[int, int]]],
-    vtp_keys: Sequence[tuple[int, int]],
-    vtp_plan: MapPlan,
-    vvp_episodes: Sequence[int],
-    vvp_plan: MapPlan,
+    tables: Mapping[str, tuple[Sequence[Any], MapPlan]],
     episodes: Sequence[EpisodeRecord],
     sources: SourceSet,
     progress: Callable[[int], None] | None = None,
@@ -512,37 +551,34 @@ def write_cache_file(
         attrs: Root attributes besides the provenance (format, run id, timestamps, shard).
         provenance: The provenance dict (stored as canonical JSON and one attribute per key).
         images: ``(key, (height, width))`` per image.
-        vtp_keys: ``(image_row, class_id)`` per VTP row.
-        vtp_plan: Sources of the VTP rows (``cam`` and ``refined``).
-        vvp_episodes: Episode index per VVP row.
-        vvp_plan: Sources of the VVP rows (``maps``).
+        tables: ``{group: (keys, plan)}`` for every table of
+            :data:`clipprior.cache._format.TABLES`: the row keys (as in :class:`TableIndex`) and
+            the sources of the rows of every map kind of the table.
         episodes: Episode table.
         sources: The files (and in-memory rows) the plans point into.
         progress: Called with the number of rows copied after each block.
     """
-    handle.attrs["format"] = FORMAT_NAME
-    handle.attrs["format_version"] = FORMAT_VERSION
-    handle.attrs["provenance"] = json.dumps(dict(provenance), sort_keys=True)
+    handle.attrs[fmt.ATTR_FORMAT] = FORMAT_NAME
+    handle.attrs[fmt.ATTR_VERSION] = FORMAT_VERSION
+    handle.attrs[fmt.ATTR_PROVENANCE] = json.dumps(dict(provenance), sort_keys=True)
     for name, value in provenance.items():
         if value is not None:
             handle.attrs[name] = _attr_value(value)
     for name, value in attrs.items():
         handle.attrs[name] = value
 
-    group = handle.create_group("images")
-    _create_dataset(group, "key", np.asarray([k for k, _ in images], dtype=object), dtype=STR_DTYPE)
-    _create_dataset(group, "size", np.asarray([s for _, s in images], np.int32).reshape(-1, 2))
+    image_path, size_path = fmt.IMAGES_KEY.split("/"), fmt.IMAGES_SIZE.split("/")
+    group = handle.create_group(image_path[0])
+    _create_dataset(group, image_path[1], np.asarray([k for k, _ in images], dtype=object), dtype=STR_DTYPE)
+    _create_dataset(group, size_path[1], np.asarray([s for _, s in images], np.int32).reshape(-1, 2))
+    image_row = {key: row for row, (key, _) in enumerate(images)}
 
-    group = handle.create_group("vtp")
-    keys = np.asarray(vtp_keys, np.int64).reshape(-1, 2)
-    _create_dataset(group, "image", keys[:, 0].astype(np.int32))
-    _create_dataset(group, "class_id", keys[:, 1].astype(np.int32))
-    _create_dataset(group, "grid", np.asarray(vtp_plan.grids, np.int32).reshape(-1, 2))
-    _copy_maps(group, ("cam", "refined"), vtp_plan, sources, progress)
-
-    group = handle.create_group("vvp")
-    _create_dataset(group, "episode", np.asarray(vvp_episodes, np.int64))
-    _create_dataset(group, "grid", np.asarray(vvp_plan.grids, np.int32).reshape(-1, 2))
-    _copy_maps(group, ("maps",), vvp_plan, sources, progress)
+    for table in fmt.TABLES.values():
+        keys, plan = tables[table.group]
+        group = handle.create_group(table.group)
+        for (path, _), column in zip(table.key_columns, _encode_keys(table, keys, image_row), strict=True):
+            _create_dataset(group, path.split("/", 1)[1], column)
+        _create_dataset(group, table.grid.split("/", 1)[1], np.asarray(plan.grids, np.int32).reshape(-1, 2))
+        _copy_maps(group, fmt.kinds_of(table.group), plan, sources, progress)
 
     _write_episodes(handle, episodes)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
+from clipprior.cache._format import parts_dir
 from clipprior.cache._h5 import EpisodeRecord, FileIndex
-from clipprior.cache._write import parts_dir
 from clipprior.config import PriorConfig
 from clipprior.errors import CacheError, CacheKeyError, InvalidInputError
 
@@ -121,8 +122,10 @@ class _ReaderIndex:
     def __init__(self, idx: FileIndex) -> None:
         self.file = idx
         self.image_row = {k: r for r, k in enumerate(idx.image_keys)}
-        self.vtp_row = {key: row for row, key in enumerate(idx.vtp_keys())}
-        self.vvp_row = {int(e): row for row, e in enumerate(idx.vvp_episode.tolist())}
+        #: ``{group: {key: row}}`` per entry table of the format.
+        self.rows = {name: {key: row for row, key in enumerate(table.keys)} for name, table in idx.tables.items()}
+        self.vtp_row = self.rows[fmt.VTP.group]
+        self.vvp_row = self.rows[fmt.VVP.group]
         self.episodes = sorted(idx.episodes, key=lambda e: e.index)
         self.episode_by_index = {e.index: e for e in self.episodes}
         self.episode_by_key: dict[tuple[str, int, tuple[str, ...]], int] = {}
@@ -175,7 +178,7 @@ class PriorCache:
             # A handle inherited through fork() is never used: each process opens its own.
             self._handle = _h5.open_read(self.path)
             # Looking a dataset up by path costs more than reading one entry: do it once.
-            self._maps = {name: self._handle[name] for name in ("vtp/cam", "vtp/refined", "vvp/maps")}
+            self._maps = {k.name: self._handle[k.name] for k in fmt.MAP_KINDS if k.name in self._handle}
             self._pid = os.getpid()
         return self._handle
 
@@ -213,7 +216,7 @@ class PriorCache:
     @property
     def provenance(self) -> dict[str, Any]:
         """The settings the priors were computed with (a copy)."""
-        return json.loads(json.dumps(self._index.file.attrs["provenance"]))
+        return json.loads(json.dumps(self._index.file.attrs[fmt.ATTR_PROVENANCE]))
 
     @property
     def config(self) -> PriorConfig:
@@ -222,7 +225,7 @@ class PriorCache:
         Raises:
             CacheError: if the provenance has no config.
         """
-        value = self._index.file.attrs["provenance"].get("config")
+        value = self._index.file.attrs[fmt.ATTR_PROVENANCE].get("config")
         if value is None:
             raise CacheError(f"{self.path} records no prior config in its provenance")
         return PriorConfig.from_dict(value) if isinstance(value, dict) else PriorConfig.from_json(value)
@@ -230,7 +233,8 @@ class PriorCache:
     @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes besides the provenance (kind, run id, timestamps, shard)."""
-        return {k: v for k, v in self._index.file.attrs.items() if k in _h5.RESERVED_ATTRS and k != "provenance"}
+        return {k: v for k, v in self._index.file.attrs.items()
+                if k in fmt.RESERVED_ATTRS and k != fmt.ATTR_PROVENANCE}
 
     @property
     def images(self) -> list[str]:
@@ -330,9 +334,9 @@ class PriorCache:
             classes = sorted(c for (k, c) in idx.vtp_row if k == image_key)
             raise CacheKeyError(f"no VTP for image {image_key!r}, class {class_id} in {self.path} (this image has "
                                 f"classes {classes}); run `clipprior inspect {self.path}` to see what is cached")
-        h, w = idx.file.vtp_grid[row].tolist()
+        h, w = idx.file.tables[fmt.VTP.group].grids[row].tolist()
         # Reading the whole padded row (one chunk) and cropping is ~4x faster than a hyperslab.
-        data = self._map("vtp/refined" if refined else "vtp/cam")[row][:h, :w]
+        data = self._map((fmt.VTP_REFINED if refined else fmt.VTP_CAM).name)[row][:h, :w]
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key)
 
     def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
@@ -362,8 +366,8 @@ class PriorCache:
         if row is None:
             raise CacheKeyError(f"no VVP for episode {index} in {self.path} ({self._episode_range()}); "
                                 f"run `clipprior inspect {self.path}` to see what is cached")
-        h, w = self._index.file.vvp_grid[row].tolist()
-        data = self._map("vvp/maps")[row][:, :h, :w]
+        h, w = self._index.file.tables[fmt.VVP.group].grids[row].tolist()
+        data = self._map(fmt.VVP_MAPS.name)[row][:, :h, :w]
         query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key)
 

@@ -19,34 +19,33 @@ from typing import Any
 import h5py
 import numpy as np
 
+from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
+from clipprior.cache._format import MapKind
+from clipprior.cache._h5 import FileIndex
 from clipprior.cache._read import PriorCache
+from clipprior.cache._union import coverage_gaps
 from clipprior.errors import CacheError, ConfigError
 
 __all__ = ["CheckReport", "check_cache", "summarize_cache"]
 
 Progress = Callable[[int, int], None]
 
-_MAPS = ("vtp/cam", "vtp/refined", "vvp/maps")
 
-
-def _grid_key(name: str) -> str:
-    return name.split("/")[0] + "/grid"
-
-
-def _blocks(handle: h5py.File, name: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _blocks(handle: h5py.File, kind: MapKind, grids: np.ndarray,
+            rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(rows, values, mask)`` blocks of a map dataset: float32 values and the valid-grid mask.
 
     Args:
         handle: Open cache.
-        name: Map dataset (``"vtp/cam"``, ``"vtp/refined"`` or ``"vvp/maps"``).
+        kind: The map kind to read.
+        grids: (M, 2) grids of its table.
         rows: Sorted rows to read.
 
     Yields:
         rows (B,), values (B, [C,] H, W) float32, mask broadcastable to values (True inside each grid).
     """
-    dataset = handle[name]
-    grids = handle[_grid_key(name)][...].reshape(-1, 2)
+    dataset = handle[kind.name]
     if not len(rows):
         return
     row_bytes = max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize)
@@ -55,8 +54,7 @@ def _blocks(handle: h5py.File, name: str, rows: np.ndarray) -> Iterator[tuple[np
     ww = np.arange(dataset.shape[-1])
     for start in range(0, len(rows), block):
         chunk = rows[start:start + block]
-        lo, hi = int(chunk[0]), int(chunk[-1]) + 1
-        values = dataset[lo:hi][chunk - lo] if hi - lo <= 2 * len(chunk) else dataset[chunk]
+        values = _h5.read_rows(dataset, chunk)
         g = grids[chunk]
         mask = (hh[None, :, None] < g[:, 0, None, None]) & (ww[None, None, :] < g[:, 1, None, None])
         if dataset.ndim == 4:
@@ -138,48 +136,60 @@ def summarize_cache(path: str | os.PathLike[str] | PriorCache, *, max_entries: i
         1460
     """
     cache = path if isinstance(path, PriorCache) else PriorCache(path)
-    handle = cache._file
-    index = cache._index.file
+    with _h5.open_read(cache.path) as handle:
+        index = FileIndex.read(handle)
+        return _summarize(cache, handle, index, max_entries, progress)
+
+
+def _summarize(cache: PriorCache, handle: h5py.File, index: FileIndex, max_entries: int | None,
+               progress: Progress | None) -> dict[str, Any]:
     classes: dict[str, int] = {}
-    for cid in index.vtp_class.tolist():
+    for _, cid in cache.vtp_keys():
         classes[str(cid)] = classes.get(str(cid), 0) + 1
+    counts: dict[str, Any] = {"images": len(index.image_keys)}
+    counts.update({name: len(table.keys) for name, table in index.tables.items()})
+    counts.update({"episodes": len(cache.episodes), "shot": cache.shot})
+    for name, table in index.tables.items():
+        counts.update({f"{name}_channels": c for c in table.channels.values()})
+    counts["classes"] = dict(sorted(classes.items(), key=lambda kv: int(kv[0])))
+    geometry = {"image_size": _range(index.image_sizes)}
+    geometry.update({f"{name}_grid": _range(table.grids) for name, table in index.tables.items()})
     summary: dict[str, Any] = {
         "path": str(cache.path),
         "file_bytes": cache.path.stat().st_size,
         "attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in sorted(cache.attrs.items())},
         "provenance": cache.provenance,
-        "counts": {
-            "images": len(index.image_keys), "vtp": len(index.vtp_class), "vvp": len(index.vvp_episode),
-            "episodes": len(cache.episodes), "shot": cache.shot, "vvp_channels": index.vvp_channels,
-            "classes": dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
-        },
-        "geometry": {
-            "image_size": _range(index.image_sizes), "vtp_grid": _range(index.vtp_grid),
-            "vvp_grid": _range(index.vvp_grid),
-        },
+        "counts": counts,
+        "geometry": geometry,
         "datasets": {},
         "values": {},
     }
-    for group in ("images", "vtp", "vvp", "episodes"):
-        for name, dataset in handle[group].items():
+    groups = [fmt.IMAGES_KEY.split("/")[0], *fmt.TABLES, fmt.EPISODES]
+    for group in groups:
+        for name, dataset in handle[group].items() if group in handle else ():
             summary["datasets"][f"{group}/{name}"] = _dataset_info(dataset)
     plans = {}
-    for name in _MAPS:
-        n = handle[name].shape[0]
+    for kind in _stored_kinds(handle):
+        n = handle[kind.name].shape[0]
         if max_entries is not None and n > max_entries:
-            plans[name] = np.unique(np.linspace(0, n - 1, max_entries).round().astype(np.int64))
+            plans[kind] = np.unique(np.linspace(0, n - 1, max_entries).round().astype(np.int64))
         else:
-            plans[name] = np.arange(n)
+            plans[kind] = np.arange(n)
     done, total = 0, sum(len(rows) for rows in plans.values())
-    for name, rows in plans.items():
+    for kind, rows in plans.items():
         moments = _Moments()
-        for chunk, values, mask in _blocks(handle, name, rows):
+        for chunk, values, mask in _blocks(handle, kind, index.tables[kind.table].grids, rows):
             moments.add(values, mask)
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
-        summary["values"][name] = moments.as_dict()
+        summary["values"][kind.name] = moments.as_dict()
     return summary
+
+
+def _stored_kinds(handle: h5py.File) -> list[MapKind]:
+    """The declared map kinds this file holds (a file may predate a kind)."""
+    return [k for k in fmt.MAP_KINDS if k.name in handle]
 
 
 @dataclass
@@ -230,23 +240,30 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
         True
     """
     cache = path if isinstance(path, PriorCache) else PriorCache(path)
-    handle = cache._file
-    index = cache._index
+    with _h5.open_read(cache.path) as handle:
+        return _check(cache, handle, FileIndex.read(handle), progress)
+
+
+def _check(cache: PriorCache, handle: h5py.File, index: FileIndex, progress: Progress | None) -> CheckReport:
     report = CheckReport(episodes=len(cache.episodes))
-    shard = cache.attrs.get("shard_index"), cache.attrs.get("shard_count")
+    attrs = cache.attrs
+    shard = attrs.get(fmt.ATTR_SHARD_INDEX), attrs.get(fmt.ATTR_SHARD_COUNT)
     if shard[0] is not None:
         report.notes.append(f"shard {shard[0]}/{shard[1]}: holds part of the episodes' entries; coverage is checked "
                             "by `clipprior merge` (or verify the merged file)")
-    for episode in cache.episodes if shard[0] is None else ():
-        if episode.query not in index.image_row:
-            report.problems.append(f"episode {episode.index}: no image size for query {episode.query!r}")
-        if (episode.query, episode.class_id) not in index.vtp_row:
-            report.problems.append(f"episode {episode.index}: VTP ({episode.query!r}, class {episode.class_id}) "
-                                   "is missing")
-        if episode.index not in index.vvp_row:
-            report.problems.append(f"episode {episode.index}: VVP is missing")
-    channels, shot = index.file.vvp_channels, cache.shot
-    if len(index.file.vvp_episode) and shot:
+    else:
+        texts = {
+            "image": lambda e: f"episode {e.index}: no image size for query {e.query!r}",
+            "vtp": lambda e: f"episode {e.index}: VTP ({e.query!r}, class {e.class_id}) is missing",
+            "vvp": lambda e: f"episode {e.index}: VVP is missing",
+        }
+        vtp = index.tables[fmt.VTP.group].keys
+        vvp = index.tables[fmt.VVP.group].keys
+        gaps = coverage_gaps(cache.episodes, set(index.image_keys), set(vtp), set(vvp))
+        report.problems.extend(texts[g.what](g.record) for g in gaps)
+    vvp_table = index.tables[fmt.VVP.group]
+    channels, shot = vvp_table.channels.get(fmt.VVP_MAPS.name, 0), cache.shot
+    if vvp_table.keys and shot:
         try:
             layers = len(cache.config.vvp_layers)
         except (CacheError, ConfigError, ValueError):
@@ -255,21 +272,21 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
             report.problems.append(f"VVP has {channels} channels; expected len(vvp_layers) x K = {layers} x {shot}")
         elif channels % shot:
             report.problems.append(f"VVP has {channels} channels, not a multiple of K = {shot}")
-    n_images = len(index.file.image_keys)
-    if len(index.file.vtp_image) and (index.file.vtp_image.min() < 0 or index.file.vtp_image.max() >= n_images):
-        report.problems.append("vtp/image points outside images/key")
-    for name in ("vtp", "vvp"):
-        grids = handle[f"{name}/grid"][...].reshape(-1, 2)
-        maps = handle[f"{name}/cam" if name == "vtp" else "vvp/maps"]
-        if len(grids) and ((grids < 1).any() or (grids[:, 0] > maps.shape[-2]).any()
-                           or (grids[:, 1] > maps.shape[-1]).any()):
-            report.problems.append(f"{name}/grid has grids outside the map datasets' {maps.shape[-2:]}")
-    keys = {"vtp": list(index.vtp_row), "vvp": list(index.vvp_row)}  # in row order
-    done, total = 0, sum(handle[name].shape[0] for name in _MAPS)
-    for name in _MAPS:
-        rows = np.arange(handle[name].shape[0])
+    kinds = _stored_kinds(handle)
+    for name, table in index.tables.items():
+        grids = table.grids
+        for kind in (k for k in kinds if k.table == name):
+            maps = handle[kind.name]
+            if len(grids) and ((grids < 1).any() or (grids[:, 0] > maps.shape[-2]).any()
+                               or (grids[:, 1] > maps.shape[-1]).any()):
+                report.problems.append(f"{name}/grid has grids outside the map datasets' {maps.shape[-2:]}")
+                break
+    done, total = 0, sum(handle[k.name].shape[0] for k in kinds)
+    for kind in kinds:
+        keys = index.tables[kind.table].keys
+        rows = np.arange(handle[kind.name].shape[0])
         bad: list[int] = []
-        for chunk, values, mask in _blocks(handle, name, rows):
+        for chunk, values, mask in _blocks(handle, kind, index.tables[kind.table].grids, rows):
             finite = np.isfinite(values) | ~np.broadcast_to(mask, values.shape)
             per_row = finite.reshape(len(chunk), -1).all(1)
             bad.extend(chunk[~per_row].tolist())
@@ -277,9 +294,8 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
             if progress is not None:
                 progress(done, total)
         if bad:
-            group = name.split("/")[0]
-            shown = ", ".join(repr(keys[group][r]) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
-            report.problems.append(f"{name}: {len(bad)} entries with NaN/inf values ({shown})")
-    report.vtp = handle["vtp/cam"].shape[0]
-    report.vvp = handle["vvp/maps"].shape[0]
+            shown = ", ".join(repr(keys[r]) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            report.problems.append(f"{kind.name}: {len(bad)} entries with NaN/inf values ({shown})")
+    report.vtp = len(index.tables[fmt.VTP.group].keys)
+    report.vvp = len(vvp_table.keys)
     return report

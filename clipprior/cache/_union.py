@@ -10,19 +10,32 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
 from clipprior.cache._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
 from clipprior.errors import CacheError, CacheMismatchError, InvalidInputError
 
-__all__ = ["SourceUnion", "as_episode", "check_int", "check_key", "mismatch_error", "missing_entries",
-           "normalize_provenance", "now_utc", "provenance_diff", "to_map"]
+__all__ = [
+    "Gap",
+    "SourceUnion",
+    "as_episode",
+    "check_int",
+    "check_key",
+    "coverage_gaps",
+    "mismatch_error",
+    "missing_entries",
+    "normalize_provenance",
+    "now_utc",
+    "provenance_diff",
+    "to_map",
+]
 
 _MISSING = "<missing>"
 
@@ -33,10 +46,10 @@ _MISSING = "<missing>"
 def normalize_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(provenance, Mapping):
         raise InvalidInputError(f"provenance must be a dict, got {type(provenance).__name__}")
-    bad = [k for k in provenance if not isinstance(k, str) or not k or k in _h5.RESERVED_ATTRS]
+    bad = [k for k in provenance if not isinstance(k, str) or not k or k in fmt.RESERVED_ATTRS]
     if bad:
         raise InvalidInputError(
-            f"provenance keys {bad!r} are not allowed (empty, not a string, or reserved: {sorted(_h5.RESERVED_ATTRS)})"
+            f"provenance keys {bad!r} are not allowed (empty, not a string, or reserved: {sorted(fmt.RESERVED_ATTRS)})"
         )
     try:
         return json.loads(json.dumps(dict(provenance), sort_keys=True, allow_nan=False))
@@ -152,17 +165,49 @@ def now_utc() -> str:
 # ---------------------------------------------------------------------------------- consolidation
 
 
+class Gap(NamedTuple):
+    """An entry an episode needs that a cache lacks.
+
+    Attributes:
+        episode: The episode's index.
+        what: ``"image"`` (the query's size), ``"vtp"`` (the query's VTP for the episode class) or ``"vvp"``.
+        record: The episode.
+    """
+
+    episode: int
+    what: str
+    record: EpisodeRecord
+
+
+def coverage_gaps(episodes: Iterable[EpisodeRecord], images: Container[str], vtp: Container[tuple[str, int]],
+                  vvp: Container[int]) -> list[Gap]:
+    """What each episode needs (query image size, query VTP for its class, its VVP) and is not there.
+
+    The one coverage rule of a cache: ``finalize``, ``merge`` and ``verify`` all apply it.
+    """
+    gaps: list[Gap] = []
+    for episode in episodes:
+        if episode.query not in images:
+            gaps.append(Gap(episode.index, "image", episode))
+        if (episode.query, episode.class_id) not in vtp:
+            gaps.append(Gap(episode.index, "vtp", episode))
+        if episode.index not in vvp:
+            gaps.append(Gap(episode.index, "vvp", episode))
+    return gaps
+
+
 def missing_entries(index: SourceUnion) -> list[str]:
-    """What the episode table needs but the union lacks (query VTP, VVP, query image size)."""
-    missing: list[str] = []
-    for episode in index.episodes.values():
-        if episode.query not in index.images:
-            missing.append(f"image size of {episode.query!r}")
-        if (episode.query, episode.class_id) not in index.vtp:
-            missing.append(f"VTP ({episode.query!r}, class {episode.class_id})")
-        if episode.index not in index.vvp:
-            missing.append(f"VVP of episode {episode.index}")
-    return list(dict.fromkeys(missing))
+    """What the episode table needs but the union lacks (query VTP, VVP, query image size), de-duplicated."""
+    names = {
+        "image": lambda e: f"image size of {e.query!r}",
+        "vtp": lambda e: f"VTP ({e.query!r}, class {e.class_id})",
+        "vvp": lambda e: f"VVP of episode {e.index}",
+    }
+    gaps = coverage_gaps(index.episodes.values(), index.images, index.vtp, index.vvp)
+    return list(dict.fromkeys(names[g.what](g.record) for g in gaps))
+
+
+Entry = tuple[int, int, tuple[int, int]]
 
 
 class SourceUnion:
@@ -175,28 +220,49 @@ class SourceUnion:
         indices: The source files, in priority order (an entry is taken from the first source
             holding it).
         images: ``{image_key: (height, width)}``.
-        vtp: ``{(image_key, class_id): (source, row, (h, w))}``; ``source`` indexes ``indices``,
-            then the in-memory sources given to :meth:`write`.
-        vvp: ``{episode_index: (source, row, (h, w))}``.
+        tables: ``{group: {key: (source, row, (h, w))}}`` per table of
+            :data:`clipprior.cache._format.TABLES`; ``source`` indexes ``indices``, then the
+            in-memory sources given to :meth:`write`.
+        channels: ``{kind name: C}`` of the (C, h, w) map kinds (0 while there are none).
         episodes: ``{episode_index: EpisodeRecord}``.
-        vvp_channels: C of the VVP maps (0 while there are none).
     """
 
     def __init__(self, indices: Sequence[FileIndex] = ()) -> None:
         self.indices: list[FileIndex] = []
         self.images: dict[str, tuple[int, int]] = {}
-        self.vtp: dict[tuple[str, int], tuple[int, int, tuple[int, int]]] = {}
-        self.vvp: dict[int, tuple[int, int, tuple[int, int]]] = {}
+        self.tables: dict[str, dict[Any, Entry]] = {name: {} for name in fmt.TABLES}
+        self.channels: dict[str, int] = {k.name: 0 for k in fmt.MAP_KINDS if k.channels}
         self.episodes: dict[int, EpisodeRecord] = {}
-        self.vvp_channels = 0
         for idx in indices:
             self.append(idx)
+
+    @property
+    def vtp(self) -> dict[tuple[str, int], Entry]:
+        """``{(image_key, class_id): (source, row, (h, w))}``."""
+        return self.tables[fmt.VTP.group]
+
+    @property
+    def vvp(self) -> dict[int, Entry]:
+        """``{episode_index: (source, row, (h, w))}``."""
+        return self.tables[fmt.VVP.group]
+
+    def set_channels(self, kind: str, channels: int, where: Path | str) -> None:
+        """Record C of a (C, h, w) kind.
+
+        Raises:
+            CacheError: if it disagrees with an earlier source.
+        """
+        known = self.channels.get(kind, 0)
+        if known and channels != known:
+            title = fmt.kind(kind).title
+            raise CacheError(f"{title} has {known} channels in one part and {channels} in {where}")
+        self.channels[kind] = channels
 
     def append(self, idx: FileIndex) -> None:
         """Add a source after the others (its entries lose to theirs).
 
         Raises:
-            CacheError: if an image size or the VVP channel count disagrees with earlier sources.
+            CacheError: if an image size or a channel count disagrees with earlier sources.
             CacheMismatchError: if an episode disagrees with an earlier source.
         """
         source = len(self.indices)
@@ -205,19 +271,15 @@ class SourceUnion:
             known = self.images.setdefault(key, size)
             if known != size:
                 raise CacheError(f"image {key!r} has size {known} in one part and {size} in {idx.path}")
-        for row, (key, grid) in enumerate(zip(idx.vtp_keys(), idx.vtp_grid.tolist(), strict=True)):
-            self.vtp.setdefault(key, (source, row, (int(grid[0]), int(grid[1]))))
-        if len(idx.vvp_episode):
-            if self.vvp_channels and idx.vvp_channels != self.vvp_channels:
-                raise CacheError(
-                    f"VVP has {self.vvp_channels} channels in one part and {idx.vvp_channels} in {idx.path}"
-                )
-            self.vvp_channels = idx.vvp_channels
-        for row, (episode, grid) in enumerate(zip(idx.vvp_episode.tolist(), idx.vvp_grid.tolist(), strict=True)):
-            self.vvp.setdefault(int(episode), (source, row, (int(grid[0]), int(grid[1]))))
+        for name, table in idx.tables.items():
+            entries = self.tables[name]
+            if table.keys:
+                for kind, channels in table.channels.items():
+                    self.set_channels(kind, channels, idx.path)
+            for row, (key, grid) in enumerate(zip(table.keys, table.grids.tolist(), strict=True)):
+                entries.setdefault(key, (source, row, (int(grid[0]), int(grid[1]))))
         for record in idx.episodes:
             self.add_episode(record, idx.path)
-
     def add_episode(self, record: EpisodeRecord, where: Path) -> bool:
         """Add one episode; ``False`` if it was known already, :class:`CacheMismatchError` on a conflict."""
         known = self.episodes.get(record.index)
@@ -248,30 +310,23 @@ class SourceUnion:
         """
         needed = int(1.1 * sum(i.path.stat().st_size for i in self.indices)) + (1 << 20)
         images = sorted(self.images.items())
-        image_row = {key: row for row, (key, _) in enumerate(images)}
-        vtp_keys = sorted(self.vtp)
-        vtp = [self.vtp[k] for k in vtp_keys]
-        vvp_keys = sorted(self.vvp)
-        vvp = [self.vvp[k] for k in vvp_keys]
-
-        def plan(entries: list[tuple[int, int, tuple[int, int]]], lead: tuple[int, ...]) -> MapPlan:
-            return MapPlan(
-                sources=np.asarray([e[0] for e in entries], np.int64),
-                rows=np.asarray([e[1] for e in entries], np.int64),
-                grids=np.asarray([e[2] for e in entries], np.int64).reshape(-1, 2),
-                lead=lead,
-            )
-
+        tables: dict[str, tuple[list[Any], MapPlan]] = {}
+        for name, entries in self.tables.items():
+            keys = sorted(entries)
+            rows = [entries[k] for k in keys]
+            tables[name] = (keys, MapPlan(
+                sources=np.asarray([e[0] for e in rows], np.int64),
+                rows=np.asarray([e[1] for e in rows], np.int64),
+                grids=np.asarray([e[2] for e in rows], np.int64).reshape(-1, 2),
+                channels={k.name: self.channels[k.name] for k in fmt.kinds_of(name) if k.channels},
+            ))
         with SourceSet([i.path for i in self.indices], memory) as sources, \
                 _h5.atomic_h5(out, what=what, in_memory=bool(memory), needed_bytes=needed) as handle:
             _h5.write_cache_file(
-                handle, attrs=attrs, provenance=provenance, images=images,
-                vtp_keys=[(image_row[k[0]], k[1]) for k in vtp_keys], vtp_plan=plan(vtp, ()),
-                vvp_episodes=vvp_keys, vvp_plan=plan(vvp, (self.vvp_channels,)),
+                handle, attrs=attrs, provenance=provenance, images=images, tables=tables,
                 episodes=[self.episodes[i] for i in sorted(self.episodes)], sources=sources, progress=progress,
             )
 
     def entry_count(self) -> int:
-        """VTP plus VVP entries (the unit of progress bars)."""
-        return len(self.vtp) + len(self.vvp)
-
+        """Entries of every table (the unit of progress bars)."""
+        return sum(len(entries) for entries in self.tables.values())

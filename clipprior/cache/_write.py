@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
+from clipprior.cache._format import check_shard, parts_dir, segment_name, segment_number, shard_path
 from clipprior.cache._h5 import EpisodeRecord, FileIndex
 from clipprior.cache._union import (
     SourceUnion,
@@ -36,37 +38,14 @@ try:  # POSIX advisory locks; released by the kernel when a process dies, even b
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CacheWriter", "merge_caches", "parts_dir", "shard_from_environment", "shard_path"]
+__all__ = ["CacheWriter", "merge_caches", "shard_from_environment"]
 
 _DEFAULT_BUFFER_BYTES = 64 << 20
-_MANIFEST = "manifest.json"
-_LOCK = ".lock"
+_MANIFEST = fmt.MANIFEST_NAME
+_LOCK = fmt.LOCK_NAME
 
 
 # ------------------------------------------------------------------------------------------- paths
-
-
-def shard_path(path: str | os.PathLike[str], index: int, count: int) -> Path:
-    """The file shard ``index`` of ``count`` writes for the final path ``path``.
-
-    Example:
-        >>> shard_path("out/priors.h5", 2, 4).as_posix()
-        'out/priors.shard-2-of-4.h5'
-    """
-    index, count = _check_shard((index, count))
-    p = Path(path)
-    return p.with_name(f"{p.stem}.shard-{index}-of-{count}{p.suffix or '.h5'}")
-
-
-def parts_dir(path: str | os.PathLike[str]) -> Path:
-    """The directory holding the committed segments of an unfinished run writing ``path``.
-
-    Example:
-        >>> parts_dir("priors.h5").name
-        'priors.h5.parts'
-    """
-    p = Path(path)
-    return p.with_name(p.name + ".parts")
 
 
 def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
@@ -95,17 +74,7 @@ def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[in
         raise InvalidInputError(
             f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers"
         ) from None
-    return None if world == 1 else _check_shard((rank, world))
-
-
-def _check_shard(shard: Sequence[int] | None) -> tuple[int, int]:
-    try:
-        index, count = (int(v) for v in shard)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"shard={shard!r} must be a pair (index, count), e.g. (0, 4)") from None
-    if count < 1 or not 0 <= index < count:
-        raise InvalidInputError(f"shard {index}/{count} is out of range; use 0 <= index < count")
-    return index, count
+    return None if world == 1 else check_shard((rank, world))
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -154,7 +123,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, Any], *,
                  shard: tuple[int, int] | None = None, max_buffer_bytes: int = _DEFAULT_BUFFER_BYTES) -> None:
         self.provenance = normalize_provenance(provenance)
-        self.shard = None if shard is None else _check_shard(shard)
+        self.shard = None if shard is None else check_shard(shard)
         self.path = Path(path) if self.shard is None else shard_path(path, *self.shard)
         self.parts = parts_dir(self.path)
         self.max_buffer_bytes = int(max_buffer_bytes)
@@ -175,11 +144,11 @@ class CacheWriter:
             raise CacheError(f"{self.path} is a directory; give a file name for the cache, e.g. {self.path}/priors.h5")
         base = FileIndex.load(self.path) if self.path.exists() else None
         if base is not None:
-            self._check_provenance(base.attrs["provenance"], self.path)
-            if self.shard is None and "shard_index" in base.attrs:
+            self._check_provenance(base.attrs[fmt.ATTR_PROVENANCE], self.path)
+            if self.shard is None and fmt.ATTR_SHARD_INDEX in base.attrs:
                 raise CacheError(f"{self.path} is a shard file; merge it with `clipprior merge` instead of appending")
         manifest = self._read_manifest()
-        if manifest is not None and not any(self.parts.glob("seg-*.h5")):
+        if manifest is not None and not any(self.parts.glob(fmt.SEGMENT_GLOB)):
             manifest = None  # a run that committed nothing: no work to protect, start afresh
         if manifest is not None:
             self._check_provenance(manifest.get("provenance", {}), self.parts)
@@ -230,8 +199,8 @@ class CacheWriter:
         for debris in [*self.parts.glob("*.tmp"), self.path.with_name(self.path.name + ".tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 debris.unlink()
-        segments = sorted(self.parts.glob("seg-*.h5"))
-        if manifest is not None and base is not None and base.attrs.get("run_id") == manifest.get("run_id"):
+        segments = sorted(self.parts.glob(fmt.SEGMENT_GLOB))
+        if manifest is not None and base is not None and base.attrs.get(fmt.ATTR_RUN_ID) == manifest.get("run_id"):
             # Killed after the final file was renamed into place but before the parts were removed.
             self._remove_parts(segments, keep_lock=True)
             manifest, segments = None, []
@@ -239,17 +208,18 @@ class CacheWriter:
             if segments:
                 raise CacheError(f"{self.parts} holds segments but no manifest; delete it to start over")
             manifest = {
-                "format": _h5.FORMAT_NAME, "format_version": _h5.FORMAT_VERSION, "run_id": uuid.uuid4().hex,
+                "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "run_id": uuid.uuid4().hex,
                 "created_utc": now_utc(), "provenance": self.provenance,
                 "shard": list(self.shard) if self.shard else None,
             }
             self._write_json_atomic(self.parts / _MANIFEST, manifest)
         self._run_id = str(manifest["run_id"])
-        self._created = str(base.attrs.get("created_utc", manifest["created_utc"]) if base else manifest["created_utc"])
+        created = manifest["created_utc"]
+        self._created = str(base.attrs.get(fmt.ATTR_CREATED, created) if base else created)
         indices = [base] if base is not None else []
         for segment in segments:
             index = FileIndex.load(segment)
-            if index.attrs.get("run_id") != self._run_id:
+            if index.attrs.get(fmt.ATTR_RUN_ID) != self._run_id:
                 raise CacheError(f"segment {segment} belongs to another run; delete {self.parts} to start over")
             indices.append(index)
         self._union = SourceUnion(indices)
@@ -313,11 +283,11 @@ class CacheWriter:
     def has_vtp(self, image_key: str, class_id: int) -> bool:
         """Whether the VTP of ``(image_key, class_id)`` is cached (committed or buffered)."""
         key = (image_key, int(class_id))
-        return key in self._union.vtp or key in self._buf_vtp
+        return key in self._union.vtp or key in self._buf[fmt.VTP.group]
 
     def has_vvp(self, episode_index: int) -> bool:
         """Whether the VVP of episode ``episode_index`` is cached (committed or buffered)."""
-        return int(episode_index) in self._union.vvp or int(episode_index) in self._buf_vvp
+        return int(episode_index) in self._union.vvp or int(episode_index) in self._buf[fmt.VVP.group]
 
     @property
     def episodes(self) -> list[EpisodeRecord]:
@@ -327,7 +297,7 @@ class CacheWriter:
     @property
     def pending(self) -> int:
         """Entries (images, VTP, VVP) added since the last commit."""
-        return len(self._buf_images) + len(self._buf_vtp) + len(self._buf_vvp)
+        return len(self._buf_images) + sum(len(entries) for entries in self._buf.values())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -337,8 +307,8 @@ class CacheWriter:
 
     def _reset_buffer(self) -> None:
         self._buf_images: dict[str, tuple[int, int]] = {}
-        self._buf_vtp: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._buf_vvp: dict[int, np.ndarray] = {}
+        # Per table of the format, per key: one array per map kind of the table, in declared order.
+        self._buf: dict[str, dict[Any, tuple[np.ndarray, ...]]] = {name: {} for name in fmt.TABLES}
         self._buf_episodes: list[EpisodeRecord] = []
         self._buf_bytes = 0
 
@@ -387,8 +357,7 @@ class CacheWriter:
         refined_arr = to_map(refined, 2, f"VTP refined of {key}")
         if cam_arr.shape != refined_arr.shape:
             raise InvalidInputError(f"VTP {key}: cam {cam_arr.shape} and refined {refined_arr.shape} differ in shape")
-        self._buf_vtp[key] = (cam_arr, refined_arr)
-        self._grow(cam_arr.nbytes + refined_arr.nbytes)
+        self._add(fmt.VTP.group, key, (cam_arr, refined_arr))
 
     def add_vvp(self, episode_index: int, vvp: Any) -> None:
         """Add the VVP of one episode.
@@ -409,11 +378,10 @@ class CacheWriter:
         if self.has_vvp(index):
             raise InvalidInputError(f"VVP of episode {index} is cached already; check has_vvp() before computing it")
         arr = to_map(vvp, 3, f"VVP of episode {index}")
-        channels = self._union.vvp_channels or next((v.shape[0] for v in self._buf_vvp.values()), 0)
+        channels = self._channels(fmt.VVP_MAPS.name)
         if channels and arr.shape[0] != channels:
             raise InvalidInputError(f"VVP of episode {index} has {arr.shape[0]} channels; the cache has {channels}")
-        self._buf_vvp[index] = arr
-        self._grow(arr.nbytes)
+        self._add(fmt.VVP.group, index, (arr,))
 
     def set_episodes(self, episodes: Iterable[Any]) -> None:
         """Record the episode table (once per run; the same table again on resume is a no-op).
@@ -433,8 +401,17 @@ class CacheWriter:
             self._buf_episodes.extend(added)
             self.commit()
 
-    def _grow(self, nbytes: int) -> None:
-        self._buf_bytes += nbytes
+    def _channels(self, kind: str) -> int:
+        """C of a (C, h, w) kind so far: committed, else buffered, else 0."""
+        if self._union.channels.get(kind):
+            return self._union.channels[kind]
+        position = fmt.kinds_of(fmt.kind(kind).table).index(fmt.kind(kind))
+        return next((v[position].shape[0] for v in self._buf[fmt.kind(kind).table].values()), 0)
+
+    def _add(self, table: str, key: Any, arrays: tuple[np.ndarray, ...]) -> None:
+        """Buffer one entry of ``table``: one validated array per map kind of the table, in declared order."""
+        self._buf[table][key] = arrays
+        self._buf_bytes += sum(a.nbytes for a in arrays)
         if self._buf_bytes >= self.max_buffer_bytes:
             self.commit()
 
@@ -453,26 +430,32 @@ class CacheWriter:
         self._check_open()
         if not (self.pending or self._buf_episodes):
             return 0
-        number = int(self._segments[-1].stem.split("-")[1]) + 1 if self._segments else 0
-        path = self.parts / f"seg-{number:06d}.h5"
+        number = segment_number(self._segments[-1]) + 1 if self._segments else 0
+        path = self.parts / segment_name(number)
         # The segment is the union of one in-memory source (source 0: no files) holding the buffer.
         segment = SourceUnion()
-        memory: dict[str, list[np.ndarray]] = {"vtp/cam": [], "vtp/refined": [], "vvp/maps": []}
-        # A segment's image table covers its VTP rows, whatever segment recorded the image first.
-        for image_key, _ in self._buf_vtp:
-            segment.images[image_key] = self._union.images.get(image_key) or self._buf_images[image_key]
+        memory: dict[str, list[np.ndarray]] = {k.name: [] for k in fmt.MAP_KINDS}
+        # A segment's image table covers the images its rows are keyed by, whatever segment
+        # recorded the image first.
+        for name, entries in self._buf.items():
+            keyed_by = fmt.TABLES[name].keyed_by
+            if keyed_by in ("image_class", "image"):
+                for key in entries:
+                    image_key = key[0] if keyed_by == "image_class" else key
+                    segment.images[image_key] = self._union.images.get(image_key) or self._buf_images[image_key]
         segment.images.update(self._buf_images)
-        for row, (key, (cam, refined)) in enumerate(self._buf_vtp.items()):
-            memory["vtp/cam"].append(cam)
-            memory["vtp/refined"].append(refined)
-            segment.vtp[key] = (0, row, (cam.shape[0], cam.shape[1]))
-        for row, (index, maps) in enumerate(self._buf_vvp.items()):
-            memory["vvp/maps"].append(maps)
-            segment.vvp[index] = (0, row, (maps.shape[1], maps.shape[2]))
-            segment.vvp_channels = maps.shape[0]
+        for name, entries in self._buf.items():
+            kinds = fmt.kinds_of(name)
+            for row, (key, arrays) in enumerate(entries.items()):
+                for k, arr in zip(kinds, arrays, strict=True):
+                    memory[k.name].append(arr)
+                    if k.channels:
+                        segment.channels[k.name] = arr.shape[0]
+                segment.tables[name][key] = (0, row, (arrays[0].shape[-2], arrays[0].shape[-1]))
         for record in self._buf_episodes:
             segment.episodes[record.index] = record
-        segment.write(path, provenance=self.provenance, attrs={"kind": "segment", "run_id": self._run_id},
+        segment.write(path, provenance=self.provenance,
+                      attrs={fmt.ATTR_KIND: fmt.FILE_SEGMENT, fmt.ATTR_RUN_ID: self._run_id},
                       memory=[memory], what="segment")
         self._union.append(FileIndex.load(path))
         self._segments.append(path)
@@ -511,10 +494,11 @@ class CacheWriter:
                 raise CacheError(f"cannot finalize {self.path}: {len(missing)} expected entries are missing ({shown}); "
                                  "rerun the computation to add them")
         if self._segments or self._base is None:
-            attrs: dict[str, Any] = {"kind": "shard" if self.shard else "cache", "run_id": self._run_id,
-                                     "created_utc": self._created, "finalized_utc": now_utc()}
+            attrs: dict[str, Any] = {fmt.ATTR_KIND: fmt.FILE_SHARD if self.shard else fmt.FILE_CACHE,
+                                     fmt.ATTR_RUN_ID: self._run_id, fmt.ATTR_CREATED: self._created,
+                                     fmt.ATTR_FINALIZED: now_utc()}
             if self.shard:
-                attrs.update(shard_index=self.shard[0], shard_count=self.shard[1])
+                attrs.update({fmt.ATTR_SHARD_INDEX: self.shard[0], fmt.ATTR_SHARD_COUNT: self.shard[1]})
             done, total = 0, self._union.entry_count()
 
             def step(n: int) -> None:
@@ -563,9 +547,9 @@ def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     shards: dict[int, FileIndex] = {}
     counts = set()
     for idx in indices:
-        if "shard_index" not in idx.attrs:
+        if fmt.ATTR_SHARD_INDEX not in idx.attrs:
             raise CacheError(f"{idx.path} is not a shard file (no shard_index attribute); merge takes shard files")
-        index, count = int(idx.attrs["shard_index"]), int(idx.attrs["shard_count"])
+        index, count = int(idx.attrs[fmt.ATTR_SHARD_INDEX]), int(idx.attrs[fmt.ATTR_SHARD_COUNT])
         counts.add(count)
         if index in shards:
             raise CacheError(f"shard {index} is given twice: {shards[index].path} and {idx.path}")
@@ -580,7 +564,7 @@ def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     ordered = [shards[i] for i in range(count)]
     first = ordered[0]
     for idx in ordered[1:]:
-        diff = provenance_diff(first.attrs["provenance"], idx.attrs["provenance"])
+        diff = provenance_diff(first.attrs[fmt.ATTR_PROVENANCE], idx.attrs[fmt.ATTR_PROVENANCE])
         if diff:
             raise mismatch_error(idx.path, diff, f"settings of {first.path}")
     union = SourceUnion(ordered)
@@ -588,8 +572,9 @@ def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CacheError(f"the {count} shards do not cover every episode: {len(missing)} entries missing ({shown})")
-    created = min(str(i.attrs.get("created_utc", "")) for i in ordered)
-    attrs = {"kind": "cache", "run_id": uuid.uuid4().hex, "created_utc": created, "finalized_utc": now_utc()}
+    created = min(str(i.attrs.get(fmt.ATTR_CREATED, "")) for i in ordered)
+    attrs = {fmt.ATTR_KIND: fmt.FILE_CACHE, fmt.ATTR_RUN_ID: uuid.uuid4().hex, fmt.ATTR_CREATED: created,
+             fmt.ATTR_FINALIZED: now_utc()}
     done, total = 0, union.entry_count()
 
     def step(n: int) -> None:
@@ -599,6 +584,6 @@ def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
             progress(done, total)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    union.write(out, provenance=first.attrs["provenance"], attrs=attrs, progress=step)
+    union.write(out, provenance=first.attrs[fmt.ATTR_PROVENANCE], attrs=attrs, progress=step)
     return out
 

@@ -1,0 +1,94 @@
+"""The cache format module and the files of older format versions (tests/fixtures)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from clipprior.cache import PriorCache, _format, _h5, _read, _report, _union, _write, check_cache, summarize_cache
+from clipprior.cache._format import MAP_KINDS, READABLE_VERSIONS, TABLES, kinds_of
+from clipprior.config import PriorConfig
+from tests._cache_job import episodes, fake_vtp, fake_vvp, image_key, image_size, run_job
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _expected_v1() -> dict[str, object]:
+    return {"n_images": 4, "n_episodes": 3, "shot": 2}
+
+
+def test_v1_fixture_is_version_1_and_readable() -> None:
+    path = FIXTURES / "cache_v1.h5"
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["format_version"]) == 1
+    assert 1 in READABLE_VERSIONS
+    spec = _expected_v1()
+    cache = PriorCache(path)
+    assert cache.images == [image_key(i) for i in range(spec["n_images"])]
+    assert len(cache) == spec["n_episodes"] and cache.shot == spec["shot"]
+    assert cache.config == PriorConfig()
+    assert cache.episodes == episodes(spec["n_images"], spec["n_episodes"], spec["shot"])
+    for key, class_id in cache.vtp_keys():
+        i = int(key.split("_")[-1].split(".")[0])
+        cam, refined = fake_vtp(i, class_id)
+        assert cache.image_size(key) == image_size(i)
+        assert torch.equal(cache.vtp(key, class_id, refined=False), torch.from_numpy(cam.astype(np.float16)).float())
+        assert torch.equal(cache.vtp(key, class_id), torch.from_numpy(refined.astype(np.float16)).float())
+    for record in cache:
+        expected = fake_vvp(record, spec["shot"]).astype(np.float16)
+        assert torch.equal(cache.vvp(record.index), torch.from_numpy(expected).float())
+    report = check_cache(cache)
+    assert report.ok, report.problems
+    summary = summarize_cache(cache)
+    assert set(summary["values"]) == {k.name for k in MAP_KINDS}
+    cache.close()
+
+
+def test_current_writer_output_matches_the_declared_format(tmp_path: Path) -> None:
+    out = run_job(tmp_path / "p.h5", n_images=3, n_episodes=2, shot=1)
+    with h5py.File(out, "r") as f:
+        assert f.attrs[_format.ATTR_FORMAT] == _format.FORMAT_NAME
+        assert int(f.attrs[_format.ATTR_VERSION]) == _format.FORMAT_VERSION
+        for table in TABLES.values():
+            rows = f[table.grid].shape[0]
+            for path, dtype in table.key_columns:
+                assert f[path].shape == (rows,) and f[path].dtype == dtype
+            for kind in kinds_of(table.group):
+                assert f[kind.name].shape[0] == rows and f[kind.name].dtype == kind.dtype
+                assert f[kind.name].ndim == 1 + kind.ndim
+        assert f[_format.IMAGES_KEY].shape[0] == 3
+
+
+def test_unknown_versions_are_refused_with_the_known_ones(tmp_path: Path) -> None:
+    out = run_job(tmp_path / "p.h5", n_images=2, n_episodes=1)
+    with h5py.File(out, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(Exception, match=r"format version 99; this clipprior reads versions \[1"):
+        _ = PriorCache(out).images
+
+
+@pytest.mark.parametrize("module", [_read, _report])
+def test_reader_and_report_do_not_reach_into_the_writer_or_private_reader_state(module: object) -> None:
+    tree = ast.parse(inspect.getsource(module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "clipprior.cache._write" not in imported
+    if module is _report:
+        private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                   and isinstance(node.value, ast.Name) and node.value.id == "cache" and node.attr.startswith("_")}
+        assert not private
+
+
+def test_map_kinds_are_declared_once() -> None:
+    names = [k.name for k in MAP_KINDS]
+    assert len(set(names)) == len(names)
+    assert all(k.table in TABLES and k.name.startswith(k.table + "/") for k in MAP_KINDS)
+    sources = {m.__name__: inspect.getsource(m) for m in (_h5, _read, _report, _union, _write)}
+    spelled = [*names, *(t.grid for t in TABLES.values()), _format.IMAGES_KEY, _format.IMAGES_SIZE, "seg-"]
+    for name in spelled:  # no module but the format module spells a dataset path or file rule
+        assert not any(f'"{name}' in src for src in sources.values()), name
