@@ -88,6 +88,10 @@ if TYPE_CHECKING:
         vtp,
         vvp,
     )
+    from clipprior.training import (
+        EpisodeSampler,
+        prior_channels,
+    )
     from clipprior.viz import (
         episode_panel,
         write_html_index,
@@ -107,6 +111,7 @@ _LAZY: dict[str, str] = {
     "EpisodeMeta": "clipprior.data",
     "EpisodePriors": "clipprior.priors",
     "EpisodeRecord": "clipprior.cache",
+    "EpisodeSampler": "clipprior.training",
     "FSSDataset": "clipprior.data",
     "PASCAL_CLASSES": "clipprior.data",
     "PIRResult": "clipprior.priors",
@@ -132,6 +137,7 @@ _LAZY: dict[str, str] = {
     "open_dataset": "clipprior.data",
     "pir": "clipprior.priors",
     "preprocess_query": "clipprior.preprocess",
+    "prior_channels": "clipprior.training",
     "prompt_names": "clipprior.data",
     "read_episodes": "clipprior.data",
     "register_dataset": "clipprior.data",
@@ -165,6 +171,7 @@ __all__ = [
     "EpisodeMeta",
     "EpisodePriors",
     "EpisodeRecord",
+    "EpisodeSampler",
     "FSSDataset",
     "InvalidInputError",
     "ModelLoadError",
@@ -196,6 +203,7 @@ __all__ = [
     "open_dataset",
     "pir",
     "preprocess_query",
+    "prior_channels",
     "prompt_names",
     "read_episodes",
     "register_dataset",

@@ -139,8 +139,16 @@ class PriorCache:
     The file is opened lazily, once per process: the object pickles as its path alone, so it can be
     handed to ``DataLoader`` workers (fork or spawn) and each worker opens its own read-only handle.
 
+    Image keys are ids relative to the data root (``"JPEGImages/2007_000033.jpg"``). Every method
+    that takes an image key also takes the trainer's own path for it: a path with a list file's
+    prefix (``"../data/VOCdevkit2012/VOC2012/JPEGImages/2007_000033.jpg"``, COCO's
+    ``".../train2014/COCO_train2014_....jpg"``) is mapped by the list reader's rule
+    (:func:`clipprior.data.layout.to_id`, for the cache's dataset), and with ``data_root`` an
+    absolute path under it is taken relative to it.
+
     Args:
         path: A cache written by :meth:`CacheWriter.finalize` or :func:`merge_caches`.
+        data_root: The data root the trainer's absolute paths start with (``~`` is expanded).
 
     Raises:
         CacheError: if the file does not exist, is unfinished, or is not a clipprior cache.
@@ -152,8 +160,9 @@ class PriorCache:
         ...     vvp = cache.vvp(episode.index, size=(60, 60))  # (2K, 60, 60)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], *, data_root: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path).expanduser()
+        self.data_root = None if data_root is None else Path(data_root).expanduser().absolute()
         if not self.path.is_file():
             if parts_dir(self.path).is_dir():
                 raise CacheError(f"{self.path} is not finished: an interrupted run left {parts_dir(self.path)}; "
@@ -163,15 +172,18 @@ class PriorCache:
         self._maps: dict[str, h5py.Dataset] = {}
         self._pid: int | None = None
         self._idx: _ReaderIndex | None = None
+        self._keys: dict[str, str] = {}
 
     # -- process-local state -----------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "data_root": self.data_root}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
+        self.data_root = state.get("data_root")
         self._handle, self._maps, self._pid, self._idx = None, {}, None, None
+        self._keys = {}
 
     def _ensure_open(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
@@ -209,7 +221,71 @@ class PriorCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PriorCache({str(self.path)!r})"
+        root = "" if self.data_root is None else f", data_root={str(self.data_root)!r}"
+        return f"PriorCache({str(self.path)!r}{root})"
+
+    # -- keys --------------------------------------------------------------------------------------
+
+    def image_key(self, path: str | os.PathLike[str]) -> str:
+        """The cache key of an image given as a key, a trainer's list path or an absolute path.
+
+        Tried in order: the key as given; with ``data_root``, an absolute path under it, relative
+        to it; the list reader's rule for the cache's dataset (keep the path from the dataset's
+        known image folder on, e.g. ``JPEGImages/``, ``train2014/``).
+
+        Args:
+            path: ``"JPEGImages/2007_000033.jpg"``, ``"../data/VOCdevkit2012/VOC2012/JPEGImages/2007_000033.jpg"``,
+                ``"/data/VOC2012/JPEGImages/2007_000033.jpg"``, ...
+
+        Returns:
+            The key, as in :attr:`images`.
+
+        Raises:
+            CacheKeyError: if no rule gives a key of this cache; the message says what was tried.
+
+        Example:
+            >>> PriorCache("p5i-train.h5", data_root="~/data/VOC2012").image_key(
+            ...     "/home/me/data/VOC2012/JPEGImages/2007_000033.jpg")  # doctest: +SKIP
+            'JPEGImages/2007_000033.jpg'
+        """
+        text = os.fspath(path)
+        key = self._keys.get(text)
+        if key is None:
+            key = self._resolve(text)
+            self._keys[text] = key
+        return key
+
+    def _resolve(self, text: str) -> str:
+        rows = self._index.image_row
+        if text in rows:
+            return text
+        tried = []
+        candidate = Path(text).expanduser()
+        if self.data_root is not None and candidate.is_absolute():
+            try:
+                relative = candidate.relative_to(self.data_root).as_posix()
+            except ValueError:
+                tried.append(f"not under data_root {self.data_root}")
+            else:
+                if relative in rows:
+                    return relative
+                tried.append(f"relative to data_root: {relative!r}")
+        dataset = self._index.file.attrs[fmt.ATTR_PROVENANCE].get("dataset")
+        if dataset:
+            from clipprior.data.layout import to_id  # light, but only needed for trainer paths
+            from clipprior.errors import ClipPriorError
+
+            try:
+                mapped = to_id(text, str(dataset), "image")
+            except ClipPriorError as err:
+                tried.append(str(err))
+            else:
+                if mapped in rows:
+                    return mapped
+                tried.append(f"by the {dataset} list rule: {mapped!r}")
+        elif self.data_root is None:
+            tried.append("the cache names no dataset and no data_root was given")
+        raise CacheKeyError(self._unknown_image(text, "; ".join(tried)))
 
     # -- metadata ----------------------------------------------------------------------------------
 
@@ -261,15 +337,17 @@ class PriorCache:
         Raises:
             CacheKeyError: if the image is not in the cache.
         """
-        row = self._index.image_row.get(image_key)
-        if row is None:
-            raise CacheKeyError(self._unknown_image(image_key))
+        row = self._index.image_row[self.image_key(image_key)]
         h, w = self._index.file.image_sizes[row].tolist()
         return int(h), int(w)
 
     def has_vtp(self, image_key: str, class_id: int) -> bool:
-        """Whether the VTP of ``(image_key, class_id)`` is cached."""
-        return (image_key, int(class_id)) in self._index.vtp_row
+        """Whether the VTP of ``(image_key, class_id)`` is cached (``image_key`` as in :meth:`image_key`)."""
+        try:
+            key = self.image_key(image_key)
+        except CacheKeyError:
+            return False
+        return (key, int(class_id)) in self._index.vtp_row
 
     def has_vvp(self, episode_index: int) -> bool:
         """Whether the VVP of an episode is cached."""
@@ -299,6 +377,8 @@ class PriorCache:
         Raises:
             CacheKeyError: if no episode matches.
         """
+        query = self.image_key(query)
+        supports = [self.image_key(s) for s in supports]
         key = (query, int(class_id), tuple(supports))
         index = self._index.episode_by_key.get(key)
         if index is None:
@@ -310,15 +390,19 @@ class PriorCache:
 
     # -- maps --------------------------------------------------------------------------------------
 
-    def vtp(self, image_key: str, class_id: int, *, refined: bool = True, size: Size = None) -> torch.Tensor:
+    def vtp(self, image_key: str, class_id: int, *, refined: bool = True, size: Size = None,
+            align_corners: bool = False) -> torch.Tensor:
         """The visual-text prior of one ``(image, class)``.
 
         Args:
-            image_key: Key of the image, as written (see :attr:`images`).
-            class_id: The dataset's class id.
+            image_key: Key of the image (see :attr:`images`), or the trainer's path for it (see
+                :meth:`image_key`).
+            class_id: The dataset's class id (1-based, as in the masks).
             refined: The PIR-refined map (default) or the raw Grad-CAM.
             size: ``None`` for the patch grid (h, w); ``"original"`` for the image's original size;
-                ``(H, W)`` for any other stretched geometry (bilinear, align_corners=False).
+                ``(H, W)`` for any other stretched geometry (bilinear).
+            align_corners: Of the bilinear resize; PI-CLIP resizes its priors to the feature map with
+                ``True``.
 
         Returns:
             (h, w) or (H, W) float32 tensor.
@@ -327,6 +411,7 @@ class PriorCache:
             CacheKeyError: if the entry is not cached (the message says how to list the contents).
         """
         idx = self._index
+        image_key = self.image_key(image_key)
         row = idx.vtp_row.get((image_key, int(class_id)))
         if row is None:
             if image_key not in idx.image_row:
@@ -337,10 +422,10 @@ class PriorCache:
         h, w = idx.file.tables[fmt.VTP.group].grids[row].tolist()
         # Reading the whole padded row (one chunk) and cropping is ~4x faster than a hyperslab.
         data = self._map((fmt.VTP_REFINED if refined else fmt.VTP_CAM).name)[row][:h, :w]
-        return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key)
+        return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key, align_corners)
 
     def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
-            supports: Sequence[str] | None = None, size: Size = None) -> torch.Tensor:
+            supports: Sequence[str] | None = None, size: Size = None, align_corners: bool = False) -> torch.Tensor:
         """The visual-visual prior of one episode, by index or by ``(query, class_id, supports)``.
 
         Args:
@@ -349,6 +434,7 @@ class PriorCache:
             class_id: Target class.
             supports: Support image keys in shot order.
             size: As in :meth:`vtp` (``"original"``: the query's original size).
+            align_corners: As in :meth:`vtp`.
 
         Returns:
             (C, h, w) or (C, H, W) float32 tensor, C = 2K.
@@ -369,9 +455,9 @@ class PriorCache:
         h, w = self._index.file.tables[fmt.VVP.group].grids[row].tolist()
         data = self._map(fmt.VVP_MAPS.name)[row][:, :h, :w]
         query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
-        return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key)
+        return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key, align_corners)
 
-    def _sized(self, x: torch.Tensor, size: Size, image_key: str | None) -> torch.Tensor:
+    def _sized(self, x: torch.Tensor, size: Size, image_key: str | None, align_corners: bool = False) -> torch.Tensor:
         if size is None:
             return x
         if isinstance(size, str):
@@ -379,8 +465,8 @@ class PriorCache:
                 raise InvalidInputError(f"size={size!r}: use None, 'original' or (height, width)")
             if image_key is None:
                 raise CacheError(f"{self.path}: this entry's image is unknown, so 'original' has no size")
-            return resize_prior(x, self.image_size(image_key))
-        return resize_prior(x, size)
+            return resize_prior(x, self.image_size(image_key), align_corners=align_corners)
+        return resize_prior(x, size, align_corners=align_corners)
 
     def _episode_range(self) -> str:
         episodes = self._index.episodes
@@ -388,12 +474,13 @@ class PriorCache:
             return "it has no episodes"
         return f"{len(episodes)} episodes, indices {episodes[0].index}..{episodes[-1].index}"
 
-    def _unknown_image(self, image_key: str) -> str:
+    def _unknown_image(self, image_key: str, tried: str = "") -> str:
         keys = self._index.file.image_keys
         base = os.path.basename(str(image_key))
         close = [k for k in keys if os.path.basename(k) == base][:3]
         if not close and len(keys) <= 20000:
             close = difflib.get_close_matches(str(image_key), keys, n=3)
         hint = f"; did you mean {close}?" if close else ""
-        return (f"image {image_key!r} is not in {self.path} ({len(keys)} images){hint} "
+        mapped = f" (tried: {tried})" if tried else ""
+        return (f"image {image_key!r} is not in {self.path} ({len(keys)} images){mapped}{hint} "
                 f"Run `clipprior inspect {self.path}` to see what is cached")

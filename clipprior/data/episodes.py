@@ -289,14 +289,29 @@ def _draw(dataset: FSSDataset, rng: np.random.Generator, image_id: str, label_id
         return Problem(str(dataset.path(image_id)),
                        f"class {class_id} has {available} support(s) besides this query in its support list, "
                        f"a {shot}-shot episode needs {shot}")
+    chosen = draw_supports(rng, pool, query, shot)
+    out.append(Episode(image_id, label_id, int(class_id), tuple(pool[k] for k in chosen)))
+    return None
+
+
+def draw_supports(rng: np.random.Generator, pool: Sequence[Any], query: Any, shot: int) -> list[int]:
+    """Step 3 of the protocol: ``shot`` distinct indices into ``pool``, never an entry equal to ``query``.
+
+    ``k = rng.integers(len(pool))`` is drawn again while ``k`` was drawn before or ``pool[k]`` is
+    the query; the indices are returned in draw order. The caller checks that ``pool`` holds at
+    least ``shot`` entries other than the query (otherwise this never ends).
+
+    Example:
+        >>> draw_supports(np.random.default_rng(0), ["a", "b", "c"], "b", 2)
+        [2, 0]
+    """
     chosen: list[int] = []
     while len(chosen) < shot:
         k = int(rng.integers(len(pool)))
         if pool[k] == query or k in chosen:
             continue
         chosen.append(k)
-    out.append(Episode(image_id, label_id, int(class_id), tuple(pool[k] for k in chosen)))
-    return None
+    return chosen
 
 
 def _as_meta(meta: EpisodeMeta | Mapping[str, Any]) -> EpisodeMeta:
