@@ -148,7 +148,7 @@ class _State:
                 image = (image - mean) / std
             label = self.label.round().long()
             label = label[0] if self.label_2d else label
-            prior = None if self.prior is None else (self.prior[0] if self.prior_kind.endswith("hw") else self.prior)
+            prior = None if self.prior is None else (self.prior[0] if self.prior_kind in _FLAT else self.prior)
             return Sample(image.contiguous(), label.contiguous(), prior)
         image = self.image.permute(1, 2, 0).numpy()
         if self.image_dtype == np.uint8:
@@ -157,6 +157,9 @@ class _State:
         label = self.label.permute(1, 2, 0).numpy()
         label = np.ascontiguousarray((label[..., 0] if self.label_2d else label).astype(self.label_dtype))
         return Sample(image, label, _prior_out(self.prior, self.prior_kind))
+
+
+_FLAT = ("numpy-hw", "torch-hw")  # prior kinds given without a channel axis
 
 
 def _prior_in(prior: Any) -> tuple[torch.Tensor | None, str]:

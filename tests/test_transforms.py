@@ -185,14 +185,18 @@ def test_several_label_planes_and_to_tensor() -> None:
     label_b = np.where(mask == 1, 7, 0).astype(np.uint8)  # BAM's base-class label moves with the FSS label
     labels = np.stack([mask, label_b], axis=2)
     aug = train_transform("pi-clip", size=64, to_tensor=True)
-    image, label, prior = aug(image_of(mask, rng), labels, channels_like(mask, 4), rng=5)
+    image, label, prior = aug(image_of(mask, rng), labels, torch.from_numpy(channels_like(mask, 4)).permute(2, 0, 1),
+                              rng=5)
     assert image.dtype == torch.float32 and tuple(image.shape) == (3, 64, 64)
     assert label.dtype == torch.int64 and tuple(label.shape) == (2, 64, 64)
     assert tuple(prior.shape) == (4, 64, 64)
     assert torch.equal(label[1] == 7, label[0] == 1)  # the two planes stayed aligned pixel for pixel
     # normalisation: a pixel equal to the mean maps to 0
-    flat = ToTensor()(np.broadcast_to(np.array(PFENET_MEAN, np.float32), (4, 4, 3)).copy(), np.zeros((4, 4), np.uint8))
-    assert torch.allclose(flat.image, torch.zeros(3, 4, 4), atol=1e-6)
+    flat = ToTensor()(np.broadcast_to(np.array(PFENET_MEAN, np.float32), (4, 4, 3)).copy(), np.zeros((4, 4), np.uint8),
+                      np.ones((4, 4, 2), np.float32))
+    assert torch.allclose(flat.image, torch.zeros(3, 4, 4), atol=1e-6) and tuple(flat.prior.shape) == (2, 4, 4)
+    flat_prior = ToTensor()(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float32))
+    assert tuple(flat_prior.prior.shape) == (4, 4)
 
 
 def test_rand_scale_size_and_resize() -> None:

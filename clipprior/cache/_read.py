@@ -131,6 +131,8 @@ class _ReaderIndex:
         self.episode_by_key: dict[tuple[str, int, tuple[str, ...]], int] = {}
         for e in self.episodes:
             self.episode_by_key.setdefault((e.query, e.class_id, e.supports), e.index)
+        # every key a caller may name: images with priors, and the supports of the episodes
+        self.known_keys = set(self.image_row).union(*(e.supports for e in self.episodes))
 
 
 class PriorCache:
@@ -255,8 +257,15 @@ class PriorCache:
             self._keys[text] = key
         return key
 
+    def _lenient_key(self, path: str | os.PathLike[str]) -> str:
+        """The key of ``path`` if it maps onto one, else ``path`` as given (the lookup then fails on its own)."""
+        try:
+            return self.image_key(path)
+        except CacheKeyError:
+            return os.fspath(path)
+
     def _resolve(self, text: str) -> str:
-        rows = self._index.image_row
+        rows = self._index.known_keys
         if text in rows:
             return text
         tried = []
@@ -337,7 +346,10 @@ class PriorCache:
         Raises:
             CacheKeyError: if the image is not in the cache.
         """
-        row = self._index.image_row[self.image_key(image_key)]
+        key = self.image_key(image_key)
+        row = self._index.image_row.get(key)
+        if row is None:
+            raise CacheKeyError(self._unknown_image(key))
         h, w = self._index.file.image_sizes[row].tolist()
         return int(h), int(w)
 
@@ -377,8 +389,7 @@ class PriorCache:
         Raises:
             CacheKeyError: if no episode matches.
         """
-        query = self.image_key(query)
-        supports = [self.image_key(s) for s in supports]
+        query, supports = self._lenient_key(query), [self._lenient_key(s) for s in supports]
         key = (query, int(class_id), tuple(supports))
         index = self._index.episode_by_key.get(key)
         if index is None:
