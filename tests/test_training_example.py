@@ -8,6 +8,7 @@ every one of them must be served by the cache.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,8 @@ from clipprior.cli.main import app
 from clipprior.data.synthetic import write_synthetic_pascal
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DOC = EXAMPLES.parent / "docs" / "training-loop.md"
+MARK = "# from examples/train_pfenet_style.py\n"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,12 @@ def test_dataset_item_fields(example: ModuleType, caches: dict[int, Path], voc: 
     main_exit = example.main(["--cache", str(caches[1]), "--data-root", str(voc), "--workers", "0", "--epochs", "1",
                               "--image-size", "32", "--feature-size", "4", "--max-iters", "1"])
     assert main_exit == 0
+
+
+def test_documented_excerpts_are_the_example_code() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    excerpts = [b[len(MARK):] for b in blocks if b.startswith(MARK)]
+    assert len(excerpts) >= 4
+    source = (EXAMPLES / "train_pfenet_style.py").read_text()
+    for excerpt in excerpts:
+        assert excerpt in source, excerpt[:200]
