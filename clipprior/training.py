@@ -12,8 +12,9 @@
   - ``mode="planned"``: each epoch, for each query image of the cache, one of its planned
     episodes, drawn at random (a cache that stores one VVP per planned episode).
 
-  With ``cache=`` and no ``mode``, the mode follows the cache's ``store`` attribute
-  (``"features"``, ``"pool"``, else ``"planned"``).
+  With ``cache=`` and no ``mode``, the mode follows the cache's store (its ``store`` attribute or
+  ``provenance["store"]``, or ``has_features`` / ``has_pool``): features -> ``"free"``, pool ->
+  ``"pool"``, anything else -> ``"planned"``.
 
   Every draw comes from ``np.random.default_rng((seed, epoch, index))``: an episode depends only
   on the seed, the epoch and the query's index, never on the worker that draws it or the order
@@ -202,10 +203,18 @@ class EpisodeSampler:
 
     @staticmethod
     def _mode_of(cache: Any) -> str:
+        """``"free"`` for a features cache, ``"pool"`` for a support-pool cache, else ``"planned"``."""
         if cache is None:
             return "free"
-        store = getattr(cache, "store", "episodes")
-        return {"features": "free", "pool": "pool"}.get(store, "planned")
+        store = getattr(cache, "store", None)
+        if store is None:
+            provenance = getattr(cache, "provenance", None)
+            store = provenance.get("store") if isinstance(provenance, dict) else None
+        if store == "features" or getattr(cache, "has_features", False):
+            return "free"
+        if store == "pool" or getattr(cache, "has_pool", False):
+            return "pool"
+        return "planned"
 
     def _group_planned(self, cache: Any) -> list[list[Episode]]:
         groups: dict[Item, list[Episode]] = defaultdict(list)

@@ -99,6 +99,16 @@ def test_pool_mode_draws_among_the_planned_supports(train_set: FSSDataset) -> No
         EpisodeSampler(train_set, cache=object(), mode="pool")
 
 
+def test_mode_follows_the_cache_store(train_set: FSSDataset) -> None:
+    features = SimpleNamespace(has_features=True, provenance={"store": "features"})
+    assert EpisodeSampler(train_set, cache=features).mode == "free"
+    pool = SimpleNamespace(provenance={"store": "pool"}, support_pool=lambda q, c: [])
+    assert EpisodeSampler(train_set, cache=pool).mode == "pool"
+    maps = SimpleNamespace(provenance={"store": "maps"}, episodes=[])
+    with pytest.raises(InvalidInputError, match="no episodes"):
+        EpisodeSampler(train_set, cache=maps)  # planned mode, and this cache plans nothing
+
+
 def test_prior_channels_order_and_scale() -> None:
     vtp = torch.rand(1, 6, 6)
     vvp = torch.rand(10, 6, 6)  # 5-shot
