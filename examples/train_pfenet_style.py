@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipprior import EpisodeSampler, PriorCache, fold_classes, open_dataset, prior_channels
 from clipprior.training import base_label, reverse_shots
@@ -58,10 +58,10 @@ def read_priors(cache: PriorCache, episode: Any) -> tuple[torch.Tensor, torch.Te
 class TrainEpisodes(Dataset):
     """The trainer's episodes, augmented, with their priors on the feature map.
 
-    ``__getitem__(i)`` draws query ``i``'s episode of the current epoch (``set_epoch``), so with
-    ``shuffle=True`` every epoch visits every query once with fresh supports. Safe in ``DataLoader``
-    workers: the cache opens its file once per process and pickles as its path; the episode and the
-    augmentation depend on (seed, epoch, index) only, not on the worker.
+    ``__getitem__((epoch, i))`` draws query ``i``'s episode of that epoch (a plain ``i`` takes the
+    epoch of ``set_epoch``), so every epoch visits every query once with fresh supports. Safe in
+    ``DataLoader`` workers: the cache opens its file once per process and pickles as its path; the
+    episode and the augmentation depend on (seed, epoch, index) only, not on the worker.
 
     Args:
         dataset: The training :class:`clipprior.FSSDataset`.
@@ -92,9 +92,10 @@ class TrainEpisodes(Dataset):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        episode = self.sampler.episode(index, self.epoch)
-        rng = np.random.default_rng((self.seed, self.epoch, index, 1))  # the augmentation's draws
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        episode = self.sampler.episode(index, epoch)
+        rng = np.random.default_rng((self.seed, epoch, index, 1))  # the augmentation's draws
         ds, c = self.dataset, episode.class_id
 
         raw = ds.load_label(episode.query_label)
@@ -127,6 +128,28 @@ class TrainEpisodes(Dataset):
             "subcls": self.base_classes.index(c),             # PI-CLIP's cat_idx: rank among the base classes
             "key": f"{episode.query_image}|{c}|{'|'.join(i for i, _ in episode.supports)}",
         }
+
+
+class EpochShuffle(Sampler):
+    """Every query once per epoch in a fresh order, as ``(epoch, index)`` keys.
+
+    The epoch travels with each index, so persistent workers (started once, holding their own
+    copy of the dataset) draw the episodes of the right epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle for ``epoch`` from now on."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter([(self.epoch, int(i)) for i in order])
 
 
 class TinyPFENet(nn.Module):
@@ -180,11 +203,11 @@ def train(cache_path: str | Path, data_root: str | Path, *, dataset: str = "pasc
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     history: dict[str, Any] = {"losses": [], "episodes": [], "mode": episodes.sampler.mode, "queries": len(episodes)}
+    order = EpochShuffle(len(episodes), seed)
+    loader = DataLoader(episodes, batch_size=batch_size, sampler=order, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0, multiprocessing_context=start_method if workers else None)
     for epoch in range(epochs):
-        episodes.set_epoch(epoch)  # workers are started per epoch and get a copy with this epoch
-        loader = DataLoader(episodes, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                            multiprocessing_context=start_method if workers else None,
-                            generator=torch.Generator().manual_seed(seed + epoch))
+        order.set_epoch(epoch)  # the workers get (epoch, index) keys: fresh episodes every epoch
         seen = []
         started = time.perf_counter()
         for i, batch in enumerate(loader):
