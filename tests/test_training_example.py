@@ -107,3 +107,45 @@ def test_documented_excerpts_are_the_example_code() -> None:
     source = (EXAMPLES / "train_pfenet_style.py").read_text()
     for excerpt in excerpts:
         assert excerpt in source, excerpt[:200]
+
+
+def _precompute_options() -> set[str]:
+    import click
+
+    command = app.get_command(click.Context(app), "precompute")
+    return {p.name for p in command.params} if command is not None else set()
+
+
+@pytest.mark.skipif("store" not in _precompute_options(), reason="this clipprior has no `precompute --store features`")
+@pytest.mark.parametrize("shot", [1, 5])
+def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path, tiny_clip_dir: Path,
+                                                  tmp_path: Path, shot: int) -> None:
+    """A features cache serves any episode: the loop draws freely (the trainer's own protocol), no miss."""
+    path = tmp_path / f"features-{shot}.h5"
+    result = CliRunner().invoke(app, [
+        "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
+        "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--episodes", "4", "--seed", "1",
+        "--store", "features", "--out", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method="fork",
+                            image_size=48, feature_size=6, seed=3)
+    assert history["mode"] == "free"
+    assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
+    assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
+
+
+@pytest.mark.skipif("supports_per_query" not in _precompute_options() or not hasattr(PriorCache, "support_pool"),
+                    reason="this clipprior has no pool caches (`precompute --supports-per-query M`)")
+@pytest.mark.parametrize("shot", [1, 5])
+def test_loop_on_a_pool_cache_serves_every_drawn_episode(example: ModuleType, voc: Path, tiny_clip_dir: Path,
+                                                         tmp_path: Path, shot: int) -> None:
+    path = tmp_path / f"pool-{shot}.h5"
+    result = CliRunner().invoke(app, [
+        "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
+        "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--supports-per-query", str(shot + 1),
+        "--seed", "1", "--out", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method="fork",
+                            image_size=48, feature_size=6, seed=3)
+    assert history["mode"] == "pool"
+    assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
