@@ -9,7 +9,7 @@ from clipprior.errors import InvalidInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_NAMES", "DTYPE_NAMES", "resolve_device", "resolve_dtype"]
+__all__ = ["DEVICE_NAMES", "DTYPE_NAMES", "dtype_name", "resolve_device", "resolve_dtype"]
 
 DTYPE_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 """The model dtypes, by their short names (the CLI's ``--dtype`` choices)."""
@@ -75,3 +75,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return getattr(torch, _DTYPE_ALIASES[str(dtype).lower()])
     except KeyError:
         raise InvalidInputError(f"dtype {dtype!r} is not valid; choose one of {list(DTYPE_NAMES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a supported dtype, as ``--dtype`` spells it (one of :data:`DTYPE_NAMES`).
+
+    Raises:
+        InvalidInputError: if the dtype is not one of the supported floating dtypes.
+
+    Example:
+        >>> import torch
+        >>> dtype_name(torch.bfloat16)
+        'bf16'
+    """
+    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    name = str(dtype).removeprefix("torch.")
+    if name not in names:
+        raise InvalidInputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return names[name]

@@ -165,7 +165,8 @@ def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, da
     names = prompt_names("pascal5i")
     config = PriorConfig()
     prov = build_provenance(clip, config, dataset="pascal5i", fold=0, split="val", shot=2, seed=3,
-                            n_episodes=len(episodes), list_checksum=dataset.list_checksum, class_names=names)
+                            n_episodes=len(episodes), list_checksum=dataset.list_checksum, class_names=names,
+                            batch_size=3)
     out = tmp_path / "p.h5"
     with CacheWriter(out, prov) as writer:
         writer.set_episodes(episode_records(episodes))

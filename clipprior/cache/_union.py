@@ -23,6 +23,7 @@ from clipprior.cache._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
 from clipprior.errors import CacheError, CacheMismatchError, InvalidInputError
 
 __all__ = [
+    "DESCRIPTIVE_KEYS",
     "Gap",
     "SourceUnion",
     "as_episode",
@@ -38,6 +39,12 @@ __all__ = [
 ]
 
 _MISSING = "<missing>"
+
+#: Provenance keys that say where the inputs were found, not what was computed: recorded, never
+#: compared. The same weights given as ``./clip``, ``clip/`` or a copy are one computation (they
+#: are identified by ``weights_sha256``), and a dataset moved elsewhere is the same data (its lists
+#: are identified by ``list_sha256``).
+DESCRIPTIVE_KEYS = frozenset({"model", "data_root"})
 
 
 # -------------------------------------------------------------------------------------- provenance
@@ -73,16 +80,21 @@ def provenance_diff(cached: Mapping[str, Any], requested: Mapping[str, Any]) -> 
 
     Nested settings (the prior config, stored as JSON) are compared field by field and reported as
     ``"config.field"``. A setting present on one side only shows ``"<missing>"`` on the other.
+    The :data:`DESCRIPTIVE_KEYS` (where the weights and data were found) are not compared.
 
     Example:
         >>> provenance_diff({"fold": 0, "config": '{"pir_layers": 8}'}, {"fold": 1, "config": '{"pir_layers": 4}'})
         {'config.pir_layers': (8, 4), 'fold': (0, 1)}
     """
+    return _diff(cached, requested, DESCRIPTIVE_KEYS)
+
+
+def _diff(cached: Mapping[str, Any], requested: Mapping[str, Any], skip: frozenset[str]) -> dict[str, tuple[Any, Any]]:
     out: dict[str, tuple[Any, Any]] = {}
-    for name in sorted(set(cached) | set(requested)):
+    for name in sorted((set(cached) | set(requested)) - skip):
         a, b = _expand(cached.get(name, _MISSING)), _expand(requested.get(name, _MISSING))
         if isinstance(a, dict) and isinstance(b, dict):
-            out.update({f"{name}.{k}": v for k, v in provenance_diff(a, b).items()})
+            out.update({f"{name}.{k}": v for k, v in _diff(a, b, frozenset()).items()})
         elif a != b:
             out[name] = (a, b)
     return out

@@ -148,7 +148,8 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     names = prompt_names(dataset)
     provenance = build_provenance(
         clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
-        list_checksum=data.list_checksum, class_names=names, extra={"coco_split": coco_split},
+        list_checksum=data.list_checksum, class_names=names, batch_size=batch_size, chunk_images=chunk_images,
+        chunk_episodes=chunk_episodes, extra={"coco_split": coco_split},
     )
     with CacheWriter(out, provenance, shard=shard_spec) as writer:
         writer.set_episodes(episode_records(episodes))

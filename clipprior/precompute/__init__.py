@@ -23,7 +23,8 @@ The data flow reads top to bottom, one module per stage:
 4. :mod:`~clipprior.precompute.post`: PIR and VVP;
 5. :mod:`~clipprior.precompute.write`: into the cache writer;
 
-and :mod:`~clipprior.precompute.engine` runs them (:func:`run_precompute`, the one entry point).
+and :mod:`~clipprior.precompute.engine` runs them (:func:`run_precompute`, the one entry point);
+:mod:`~clipprior.precompute.provenance` records what makes two runs the same computation.
 
 Example:
     >>> stats = run_precompute(clip, dataset, episodes, writer, class_names=names)  # doctest: +SKIP
@@ -38,17 +39,18 @@ from clipprior.precompute.plan import (
     PrecomputeStats,
     QueryWork,
     WorkPlan,
-    build_provenance,
     episode_records,
     plan_chunks,
     plan_work,
 )
+from clipprior.precompute.provenance import build_provenance, computation_settings
 
 __all__ = [
     "PrecomputeStats",
     "QueryWork",
     "WorkPlan",
     "build_provenance",
+    "computation_settings",
     "episode_records",
     "plan_chunks",
     "plan_work",

@@ -32,6 +32,7 @@ from clipprior.precompute.plan import (
     support_homes,
 )
 from clipprior.precompute.post import Cells, QueryFeatures, SupportStore, episode_vvp, refine
+from clipprior.precompute.provenance import check_recorded_settings
 from clipprior.precompute.write import write_vtp
 from clipprior.priors import EpisodePriors, TextFeatures, compute_priors, encode_text
 
@@ -83,7 +84,9 @@ def run_precompute(
         :class:`~clipprior.precompute.PrecomputeStats`.
 
     Raises:
-        InvalidInputError: for a batch size below 1 or a class id without a name.
+        InvalidInputError: for a batch size below 1, a class id without a name, or a writer whose
+            provenance records another dtype, device, batch or chunk size (see
+            :func:`~clipprior.precompute.provenance.build_provenance`).
         DatasetError: from the data layer, for broken images or masks.
 
     Example:
@@ -99,6 +102,8 @@ def run_precompute(
     for episode in episodes:
         if not 1 <= int(episode.class_id) <= len(class_names):
             raise InvalidInputError(f"episode class {episode.class_id} has no prompt name (have {len(class_names)})")
+    check_recorded_settings(writer, clip, batch_size=batch_size, chunk_images=chunk_images,
+                            chunk_episodes=chunk_episodes)
     text = text or encode_text(clip, class_names, config)
     plan = plan_work(episodes, shard)
     chunks = plan_chunks(plan.queries, chunk_images, chunk_episodes)

@@ -8,7 +8,6 @@ it bit-for-bit equal to an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -17,17 +16,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clipprior import __version__
-from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
-from clipprior.model import ClipBundle
 
 __all__ = [
     "PrecomputeStats",
     "QueryWork",
     "SupportKey",
     "WorkPlan",
-    "build_provenance",
     "episode_records",
     "plan_chunks",
     "plan_work",
@@ -172,38 +167,6 @@ def plan_work(episodes: Sequence[Any], shard: tuple[int, int] | None = None) -> 
             for image, label in episode.supports:
                 uses[(image, label, int(episode.class_id))] += 1
     return WorkPlan(queries=queries, support_uses=dict(uses))
-
-
-def build_provenance(
-    clip: ClipBundle, config: PriorConfig, *, dataset: str, fold: int, split: str, shot: int, seed: int,
-    n_episodes: int, list_checksum: str, class_names: Sequence[str], extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The settings a cache depends on, stored in its attributes and compared on resume.
-
-    Example:
-        >>> prov = build_provenance(clip, PriorConfig(), dataset="pascal5i", fold=0, split="val",
-        ...                         shot=1, seed=0, n_episodes=1000, list_checksum="...",
-        ...                         class_names=names)  # doctest: +SKIP
-    """
-    names_digest = hashlib.sha256("\n".join(class_names).encode()).hexdigest()
-    prov: dict[str, Any] = {
-        "clipprior_version": __version__,
-        "model": clip.source,
-        "weights_sha256": clip.checksum,
-        "config": config.to_json(),
-        "text_classes": config.text_classes,
-        "dataset": dataset,
-        "fold": int(fold),
-        "split": split,
-        "shot": int(shot),
-        "seed": int(seed),
-        "episodes": int(n_episodes),
-        "list_sha256": list_checksum,
-        "prompt_names_sha256": names_digest,
-        "geometry": "native: image resized up to a multiple of the patch size; maps on its patch grid",
-    }
-    prov.update(extra or {})
-    return prov
 
 
 def plan_chunks(queries: Sequence[QueryWork], chunk_images: int, chunk_episodes: int) -> list[list[QueryWork]]:

@@ -1,0 +1,169 @@
+"""The reliability suite: the hostile cases of issue 13, run quickly on the tiny CLIP.
+
+Each test is one promise of ``docs/reliability.md``; the cases other modules already test are
+referenced there rather than repeated here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from clipprior import PriorConfig
+from clipprior.cache import CacheWriter, PriorCache, parts_dir, provenance_diff
+from clipprior.cli.main import app
+from clipprior.data.synthetic import write_synthetic_pascal
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
+
+
+def _args(data_root: Path, model: Path | str, out: Path, *extra: str) -> list[str]:
+    """A precompute of 12 episodes cut into several chunks (one segment each)."""
+    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(data_root), "--model",
+            str(model), "--device", "cpu", "--episodes", "12", "--seed", "5", "--chunk-images", "3",
+            "--batch-size", "2", "--out", str(out), *extra]
+
+
+def _with(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``option`` set to ``value`` (replaced where present, else appended)."""
+    if option in args:
+        at = args.index(option) + 1
+        return [*args[:at], value, *args[at + 1:]]
+    return [*args, option, value]
+
+
+def _invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(app, args)
+
+
+def _flat(result: Result) -> str:
+    """The command's output as one line (rich wraps long lines)."""
+    return " ".join(result.output.split())
+
+
+@contextmanager
+def _stop_after_commits(monkeypatch: pytest.MonkeyPatch, count: int) -> Iterator[None]:
+    """Interrupt a run (as Ctrl-C would) right after its ``count``-th commit that wrote entries."""
+    original = CacheWriter.commit
+    state = {"commits": 0, "stopped": False}
+
+    def commit(self: CacheWriter) -> int:
+        written = original(self)
+        if written and not state["stopped"]:
+            state["commits"] += 1
+            if state["commits"] >= count:
+                state["stopped"] = True
+                raise KeyboardInterrupt
+        return written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CacheWriter, "commit", commit)
+        yield
+    assert state["stopped"], "the run ended before it could be stopped; make it longer"
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same_arrays(a: Path, b: Path) -> None:
+    left, right = _arrays(a), _arrays(b)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data_root: Path, tiny_clip_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "reference.h5"
+    result = _invoke(_args(data_root, tiny_clip_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture()
+def stopped(tmp_path: Path, data_root: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An fp32 run stopped after two committed chunks: ``OUT.parts`` holds its segments, ``OUT`` is absent."""
+    out = tmp_path / "p.h5"
+    with _stop_after_commits(monkeypatch, 3):  # the episode table, then two chunks
+        result = _invoke(_args(data_root, tiny_clip_dir, out))
+    assert result.exit_code != 0 and "Aborted" in result.output  # click reports a Ctrl-C so
+    assert not out.exists() and len(list(parts_dir(out).glob("seg-*.h5"))) >= 2
+    return out
+
+
+# ------------------------------------------------------------- a cache never mixes computations
+
+
+@pytest.mark.parametrize(("option", "value", "field", "cached"), [
+    ("--dtype", "bf16", "dtype", "fp32"),
+    ("--batch-size", "3", "batch_size", 2),
+    ("--chunk-images", "4", "chunk_images", 3),
+    ("--chunk-episodes", "5", "chunk_episodes", 256),
+])
+def test_resume_with_another_computation_is_refused(stopped, data_root, tiny_clip_dir, option, value, field, cached):
+    segments = sorted(parts_dir(stopped).glob("seg-*.h5"))
+    result = _invoke(_with(_args(data_root, tiny_clip_dir, stopped), option, value))
+    assert result.exit_code == 1, result.output
+    text = _flat(result)
+    assert f"{field}: cached={cached!r} requested=" in text
+    assert "rerun with the cached settings" in text and "Traceback" not in result.output
+    # Nothing was written: the stopped run's work is intact and resumes.
+    assert sorted(parts_dir(stopped).glob("seg-*.h5")) == segments and not stopped.exists()
+
+
+def test_resume_with_the_same_weights_elsewhere_equals_uninterrupted(stopped, data_root, tiny_clip_dir,
+                                                                     uninterrupted, tmp_path, monkeypatch):
+    # The same weights under another spelling of the path, then a copy of them: one computation.
+    monkeypatch.chdir(tiny_clip_dir.parent)
+    result = _invoke(_args(data_root, f"./{tiny_clip_dir.name}/", stopped))
+    assert result.exit_code == 0, result.output
+    assert "episodes already cached" in _flat(result)
+    _assert_same_arrays(uninterrupted, stopped)
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "copy-of-clip")
+    result = _invoke(_args(data_root, copy, stopped))  # appending to the finished cache: nothing to add
+    assert result.exit_code == 0, result.output
+    assert "0 VTP and 0 VVP written" in _flat(result)
+
+
+def test_provenance_records_the_computation(uninterrupted, tiny_clip_dir):
+    prov = PriorCache(uninterrupted).provenance
+    assert {k: prov[k] for k in ("dtype", "device", "batch_size", "chunk_images", "chunk_episodes")} == {
+        "dtype": "fp32", "device": "cpu", "batch_size": 2, "chunk_images": 3, "chunk_episodes": 256}
+    assert prov["model"] == str(tiny_clip_dir)
+    # Where the weights and the data were found is recorded, not compared; the weights' checksum is.
+    assert provenance_diff(prov, {**prov, "model": "elsewhere", "data_root": "/else"}) == {}
+    assert list(provenance_diff(prov, {**prov, "weights_sha256": "0" * 64})) == ["weights_sha256"]
+
+
+def test_engine_refuses_a_provenance_that_does_not_describe_the_run(tmp_path, data_root, tiny_clip_dir):
+    from clipprior import load_clip
+    from clipprior.data import open_dataset, prompt_names, sample_episodes
+    from clipprior.errors import InvalidInputError
+    from clipprior.precompute import build_provenance, episode_records, run_precompute
+
+    clip = load_clip(tiny_clip_dir, device="cpu")
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    episodes = sample_episodes(dataset, 2, shot=1, seed=0)
+    names = prompt_names("pascal5i")
+    prov = build_provenance(clip, PriorConfig(), dataset="pascal5i", fold=0, split="val", shot=1, seed=0,
+                            n_episodes=2, list_checksum=dataset.list_checksum, class_names=names, batch_size=8)
+    with CacheWriter(tmp_path / "p.h5", prov) as writer:
+        writer.set_episodes(episode_records(episodes))
+        with pytest.raises(InvalidInputError, match=r"batch_size: recorded=8 running=3"):
+            run_precompute(clip, dataset, episodes, writer, class_names=names, batch_size=3)
