@@ -10,15 +10,19 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from clipprior import PriorConfig
 from clipprior.cache import CacheWriter, PriorCache, parts_dir, provenance_diff
 from clipprior.cli.main import app
+from clipprior.data import EpisodeMeta, open_dataset, sample_episodes, write_episodes
+from clipprior.data.lists import write_fss_lists
 from clipprior.data.synthetic import write_synthetic_pascal
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -167,3 +171,137 @@ def test_engine_refuses_a_provenance_that_does_not_describe_the_run(tmp_path, da
         writer.set_episodes(episode_records(episodes))
         with pytest.raises(InvalidInputError, match=r"batch_size: recorded=8 running=3"):
             run_precompute(clip, dataset, episodes, writer, class_names=names, batch_size=3)
+
+
+# ------------------------------------------------------------------ broken files met while computing
+
+
+@pytest.fixture(scope="module")
+def clean_job(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict[str, Any]:
+    """A data root, its trainers' lists, a fixed episode file, and the cache of a clean run."""
+    base = tmp_path_factory.mktemp("clean-job")
+    root = write_synthetic_pascal(base / "voc", per_class=3, size=(72, 100))
+    write_fss_lists(open_dataset("pascal5i", root, 0, "val").lists, base / "lists")
+    dataset = open_dataset("pascal5i", root, 0, "val", list_root=base / "lists")
+    episodes = sample_episodes(dataset, 10, shot=1, seed=5)
+    episode_file = write_episodes(base / "episodes.jsonl", episodes, EpisodeMeta.for_dataset(dataset, 1, 5))
+    job = {"base": base, "root": root, "lists": base / "lists", "episode_file": episode_file, "episodes": episodes}
+    result = _invoke(_job_args(job, root, tiny_clip_dir, base / "clean.h5"))
+    assert result.exit_code == 0, result.output
+    return {**job, "clean": base / "clean.h5"}
+
+
+def _job_args(job: dict[str, Any], root: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(root), "--model", str(model),
+            "--device", "cpu", "--list-root", str(job["lists"]), "--episode-file", str(job["episode_file"]),
+            "--batch-size", "2", "--chunk-images", "3", "--out", str(out), *extra]
+
+
+def _rewrite(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+
+
+def _break(kind: str, image: Path, label: Path) -> Path:
+    """Break one image/mask pair the way ``kind`` says; return the file at fault."""
+    if kind == "zero-byte JPEG":
+        image.write_bytes(b"")
+        return image
+    if kind == "truncated JPEG":
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+        return image
+    if kind == "zero-byte mask":
+        label.write_bytes(b"")
+        return label
+    if kind == "mask without its class":
+        _rewrite(label, np.zeros_like(np.asarray(Image.open(label))))
+        return label
+    if kind == "mask of another size":
+        _rewrite(label, np.asarray(Image.open(label))[:40, :60])
+        return label
+    if kind == "image smaller than a patch":
+        _rewrite(image, np.asarray(Image.open(image))[:8, :8])
+        _rewrite(label, np.asarray(Image.open(label))[:8, :8])
+        return image
+    raise AssertionError(kind)
+
+
+BROKEN_KINDS = ["zero-byte JPEG", "truncated JPEG", "zero-byte mask", "mask without its class",
+                "mask of another size", "image smaller than a patch"]
+
+
+def _broken_copy(job: dict[str, Any], tmp_path: Path, kind: str, role: str) -> tuple[Path, Path, set[int]]:
+    """A copy of the data root with one file broken, used by the episodes as ``role``.
+
+    Returns:
+        The root, the broken file, and the episodes that need it.
+    """
+    root = Path(shutil.copytree(job["root"], tmp_path / "voc"))
+    episodes = job["episodes"]
+    if role == "support":
+        image, label = episodes[0].supports[0]
+    else:
+        image, label = episodes[0].query_image, episodes[0].query_label
+    queries = {i for i, e in enumerate(episodes) if e.query_image == image}
+    supports = {i for i, e in enumerate(episodes) if (image, label) in e.supports}
+    # A mask without its class is a valid query mask (VTP needs none); everything else breaks both uses.
+    needing = supports | (set() if kind == "mask without its class" else queries)
+    return root, _break(kind, root / image, root / label), needing
+
+
+@pytest.mark.parametrize("role", ["support", "query"])
+@pytest.mark.parametrize("kind", BROKEN_KINDS)
+def test_skip_drops_exactly_the_episodes_that_need_a_broken_file(clean_job, tiny_clip_dir, tmp_path, kind, role):
+    if kind == "mask without its class" and role == "query":
+        pytest.skip("a query mask without the class is usable (VTP needs no mask)")
+    root, bad, needing = _broken_copy(clean_job, tmp_path, kind, role)
+    assert needing, "the broken file must be used by some episode"
+    out = tmp_path / "p.h5"
+    result = _invoke(_job_args(clean_job, root, tiny_clip_dir, out, "--on-error", "skip"))
+    assert result.exit_code == 0, result.output
+    text = _flat(result)
+    assert f"dropped {len(needing)} episode(s)" in text and bad.name in text
+    cache, clean = PriorCache(out), PriorCache(clean_job["clean"])
+    kept = {e.index for e in cache.episodes}
+    assert kept == set(range(len(clean_job["episodes"]))) - needing
+    for index in kept:  # everything else is computed, as in a clean run (up to batch partners)
+        np.testing.assert_allclose(cache.vvp(index).numpy(), clean.vvp(index).numpy(), atol=2e-3)
+    for key, class_id in cache.vtp_keys():
+        np.testing.assert_allclose(cache.vtp(key, class_id).numpy(), clean.vtp(key, class_id).numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", BROKEN_KINDS)
+def test_every_data_error_names_the_file_the_episodes_and_the_fix(clean_job, tiny_clip_dir, tmp_path, kind):
+    root, bad, needing = _broken_copy(clean_job, tmp_path, kind, "support")
+    out = tmp_path / "p.h5"
+    result = _invoke(_job_args(clean_job, root, tiny_clip_dir, out))
+    assert result.exit_code == 1, result.output
+    text = _flat(result)
+    assert "Traceback" not in result.output and str(bad) in text
+    assert any(f"episode(s) {i}" in text for i in needing) and "--on-error skip" in text
+    assert not out.exists()
+
+
+def test_a_query_mask_of_another_size_is_refused_naming_both_files(clean_job, tiny_clip_dir, tmp_path):
+    root, bad, _ = _broken_copy(clean_job, tmp_path, "mask of another size", "query")
+    image = root / clean_job["episodes"][0].query_image
+    result = _invoke(_job_args(clean_job, root, tiny_clip_dir, tmp_path / "p.h5"))
+    assert result.exit_code == 1, result.output
+    text = _flat(result)
+    assert f"mask {bad} is 40x60 (HxW) but image {image} is 72x100" in text
+
+
+# ----------------------------------------------------------------- nothing executes from list files
+
+
+def test_hostile_list_files_never_execute_code(clean_job, tiny_clip_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    lists = Path(shutil.copytree(clean_job["lists"], tmp_path / "lists"))
+    (sub,) = lists.rglob("sub_class_file_list_0.txt")
+    sub.write_text(f"__import__('os').system('touch {marker}')")
+    args = _job_args(clean_job, clean_job["root"], tiny_clip_dir, tmp_path / "p.h5")
+    args = [a for a in _with(args, "--list-root", str(lists)) if a != "--episode-file"]
+    args.remove(str(clean_job["episode_file"]))
+    result = _invoke(args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "not a Python-literal dict" in _flat(result) and not marker.exists()

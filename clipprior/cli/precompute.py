@@ -152,7 +152,8 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
         chunk_episodes=chunk_episodes, extra={"coco_split": coco_split},
     )
     with CacheWriter(out, provenance, shard=shard_spec) as writer:
-        writer.set_episodes(episode_records(episodes))
+        if on_error == "raise":  # under skip the engine registers what it computes: dropped episodes stay out
+            writer.set_episodes(episode_records(episodes))
         columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:
@@ -167,9 +168,12 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
             }
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
                                    batch_size=batch_size, shard=shard_spec, chunk_images=chunk_images,
-                                   chunk_episodes=chunk_episodes,
+                                   chunk_episodes=chunk_episodes, on_error=on_error,
                                    progress=lambda kind, n: bar.advance(tasks[kind], n))
         path = writer.finalize()
+    if stats.problems:
+        console.print(f"[yellow]dropped {len(stats.dropped)} episode(s) that need a broken file[/] "
+                      f"(--on-error skip):\n{stats.problems.summary()}", highlight=False, soft_wrap=True)
     console.print(
         f"[green]done[/] {path}: {stats.vtp_written} VTP and {stats.vvp_written} VVP written "
         f"({stats.skipped_vvp} episodes already cached); {stats.query_passes} query and "

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipprior.errors import DataNotFoundError, DatasetError
 
-__all__ = ["image_size", "load_label", "load_pair", "load_rgb"]
+__all__ = ["check_same_size", "image_size", "load_label", "load_pair", "load_rgb"]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, UnidentifiedImageError, Image.DecompressionBombError)
 
@@ -157,7 +157,21 @@ def load_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[
     """
     image = load_rgb(image_path)
     label = load_label(label_path)
-    if image.shape[:2] != label.shape:
-        raise DatasetError(f"mask {label_path} is {label.shape[0]}x{label.shape[1]} (HxW) but image {image_path} "
-                           f"is {image.shape[0]}x{image.shape[1]}; they must have the same size")
+    check_same_size(image, label, image_path, label_path)
     return image, label
+
+
+def check_same_size(image: np.ndarray, label: np.ndarray, image_path: str | os.PathLike[str],
+                    label_path: str | os.PathLike[str]) -> None:
+    """Check that a mask has its image's size: (H, W, 3) and (H, W).
+
+    Raises:
+        DatasetError: naming both files and their sizes.
+
+    Example:
+        >>> check_same_size(np.zeros((4, 6, 3)), np.zeros((4, 6)), "a.jpg", "a.png")
+    """
+    if tuple(image.shape[:2]) != tuple(label.shape[:2]):
+        raise DatasetError(f"mask {label_path} is {label.shape[0]}x{label.shape[1]} (HxW) but image {image_path} "
+                           f"is {image.shape[0]}x{image.shape[1]}; they must have the same size: fix the mask or "
+                           "the image/mask pairing in the list")

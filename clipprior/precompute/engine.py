@@ -15,9 +15,9 @@ import numpy as np
 
 from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
-from clipprior.errors import InvalidInputError
+from clipprior.errors import DatasetError, InvalidInputError
 from clipprior.model import ClipBundle
-from clipprior.precompute.load import fss_mask, load_query_batch, load_support_batch, present_names
+from clipprior.precompute.load import LoadFaults, fss_mask, load_query_batch, load_support_batch, present_names
 from clipprior.precompute.passes import query_features, query_pass, support_pass
 from clipprior.precompute.plan import (
     Dataset,
@@ -25,6 +25,7 @@ from clipprior.precompute.plan import (
     QueryWork,
     SupportKey,
     Writer,
+    episode_records,
     plan_chunks,
     plan_work,
     resized_size,
@@ -55,6 +56,7 @@ def run_precompute(
     chunk_episodes: int = 256,
     progress: ProgressFn | None = None,
     text: TextFeatures | None = None,
+    on_error: str = "raise",
 ) -> PrecomputeStats:
     """Compute and write every VTP (raw and refined) and VVP the episodes need.
 
@@ -79,6 +81,11 @@ def run_precompute(
             VVP work and buffers stay bounded when there are many episodes per image.
         progress: Called as ``progress(kind, n)`` with kind ``"query"``, ``"support"`` or ``"episode"``.
         text: Precomputed text features of ``class_names`` (encoded here when ``None``).
+        on_error: ``"raise"`` at the first broken image or mask, naming it, the episodes that need it
+            and the fix; or ``"skip"``: every episode that needs a broken file is dropped (listed in
+            ``stats.dropped``, the files in ``stats.problems``) and everything else computed. The
+            engine registers each episode it completes in the writer's episode table, so dropped
+            episodes stay out of it (do not register all episodes beforehand under ``"skip"``).
 
     Returns:
         :class:`~clipprior.precompute.PrecomputeStats`.
@@ -87,7 +94,9 @@ def run_precompute(
         InvalidInputError: for a batch size below 1, a class id without a name, or a writer whose
             provenance records another dtype, device, batch or chunk size (see
             :func:`~clipprior.precompute.provenance.build_provenance`).
-        DatasetError: from the data layer, for broken images or masks.
+        DatasetError: for a broken image or mask (``on_error="raise"``): unreadable, a mask of
+            another size than its image, an image smaller than a patch, a support mask without its
+            class; the message names the file, the episodes that need it and the fix.
 
     Example:
         >>> stats = run_precompute(clip, dataset, episodes, writer, class_names=names)  # doctest: +SKIP
@@ -106,6 +115,8 @@ def run_precompute(
                             chunk_episodes=chunk_episodes)
     text = text or encode_text(clip, class_names, config)
     plan = plan_work(episodes, shard)
+    faults = LoadFaults(on_error, episodes, dataset, only=[i for q in plan.queries for i in q.episodes])
+    records = episode_records(episodes)
     chunks = plan_chunks(plan.queries, chunk_images, chunk_episodes)
     home_keys, home = support_homes(episodes, chunks)
     todo = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
@@ -119,12 +130,16 @@ def run_precompute(
         missing_vtp = any(not writer.has_vtp(q.image, k) for q in chunk for k in q.classes)
         if todo_eps or missing_vtp:
             features = _run_queries(clip, dataset, chunk, needs_features, writer, text, class_names, config,
-                                    batch_size, stats, report)
-            needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps
+                                    batch_size, stats, report, faults)
+            needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps if i not in faults.dropped
                       for image, label in episodes[i].supports]
             for h in sorted({home[k] for k in needed if k not in store.features}):
-                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report)
-            for i in todo_eps:
+                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report, faults)
+            done = [i for i in todo_eps if i not in faults.dropped]
+            for i in sorted(set(todo_eps) - set(done)):
+                _release(store, episodes[i])
+            writer.set_episodes([records[i] for i in done])  # dropped episodes stay out of the table
+            for i in done:
                 vvp = episode_vvp(episodes[i], features, store, config)
                 writer.add_vvp(i, vvp.cpu().numpy().astype(np.float32))
                 stats.vvp_written += 1
@@ -135,13 +150,25 @@ def run_precompute(
             report("query", len(chunk))
         stats.skipped_vvp += len(chunk_eps) - len(todo_eps)
         report("episode", len(chunk_eps))
+    stats.dropped = sorted(faults.dropped)
+    stats.problems = faults.report
     return stats
+
+
+def _release(store: SupportStore, episode: Any) -> None:
+    """A dropped episode gives back its uses of the support features (freed once nothing needs them)."""
+    for image, label in episode.supports:
+        key = (image, label, int(episode.class_id))
+        if key in store.features:
+            store.take(key)
+        elif key in store.remaining:
+            store.remaining[key] -= 1
 
 
 def _run_queries(
     clip: ClipBundle, dataset: Dataset, chunk: list[QueryWork], needs_features: set[str], writer: Writer,
     text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
-    report: ProgressFn,
+    report: ProgressFn, faults: LoadFaults,
 ) -> dict[str, QueryFeatures]:
     """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
 
@@ -154,20 +181,30 @@ def _run_queries(
         The VVP features (L, n, D), their norms (L, n) and the grid of each image in ``needs_features``.
     """
     patch = clip.patch_size
-    sizes = {work.image: resized_size(dataset, work.image, patch) for work in chunk}
+    sizes: dict[str, tuple[int, int]] = {}
+    for work in chunk:
+        try:
+            sizes[work.image] = resized_size(dataset, work.image, patch)
+        except DatasetError as err:
+            faults.query(work, err)
+            report("query", 1)
+    chunk = [work for work in chunk if work.image in sizes]
     features: dict[str, QueryFeatures] = {}
     for batch in size_batches(chunk, lambda q: sizes[q.image], batch_size):
         missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
         if not missing and not any(q.image in needs_features for q in batch):
             report("query", len(batch))
             continue
-        loaded = load_query_batch(dataset, batch, patch, config, class_names)
+        loaded = load_query_batch(dataset, batch, patch, config, class_names, faults)
+        if loaded is None:
+            report("query", len(batch))
+            continue
         out = query_pass(clip, loaded, text, config)
-        stats.query_passes += len(batch)
+        stats.query_passes += len(loaded.works)
         refined = refine(out.cam, out.attention, config)
         write_vtp(writer, loaded.works, loaded.sizes, loaded.pairs, out.cam, refined, stats)
         grid = (int(out.cam.shape[-2]), int(out.cam.shape[-1]))
-        for b, work in enumerate(batch):
+        for b, work in enumerate(loaded.works):
             if work.image in needs_features:
                 feats = query_features(clip, loaded, out, b, config).float().cpu()
                 features[work.image] = (feats, feats.norm(dim=-1), grid)
@@ -177,7 +214,7 @@ def _run_queries(
 
 def _run_supports(
     clip: ClipBundle, dataset: Dataset, keys: Sequence[SupportKey], store: SupportStore,
-    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn,
+    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn, faults: LoadFaults,
 ) -> None:
     """Run the planned support batches of one chunk (its first-use keys) that a pending episode needs.
 
@@ -187,18 +224,26 @@ def _run_supports(
     prepared support of a chunk would grow with the episodes (PASCAL 5-shot: 365 x 4 MB).
     """
     patch = clip.patch_size
-    sizes = {key: resized_size(dataset, key[0], patch) for key in keys}
+    sizes: dict[SupportKey, tuple[int, int]] = {}
+    for key in keys:
+        try:
+            sizes[key] = resized_size(dataset, key[0], patch)
+        except DatasetError as err:
+            faults.support(key, err)
+    keys = [key for key in keys if key in sizes]
     for batch in size_batches(keys, sizes.__getitem__, batch_size):
         wanted = [k for k in batch if store.remaining.get(k, 0) > 0 and k not in store.features]
         if not wanted:
             continue
-        loaded = load_support_batch(dataset, batch, patch, config)
+        loaded = load_support_batch(dataset, batch, patch, config, faults)
+        if loaded is None:
+            continue
         feats, masks = support_pass(clip, loaded, config)
-        del loaded
-        for j, key in enumerate(batch):
+        for j, key in enumerate(loaded.keys):
             if key in wanted:
                 store.features[key] = Cells.from_grid(feats[j].cpu(), masks[j].cpu())
-        stats.support_passes += len(batch)
+        stats.support_passes += len(loaded.keys)
+        del loaded
         report("support", len(batch))
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipprior.data.report import DataReport
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -60,6 +61,8 @@ class Writer(Protocol):
     def add_vtp(self, image_key: str, class_id: int, cam: Any, refined: Any) -> None: ...
 
     def add_vvp(self, episode_index: int, vvp: Any) -> None: ...
+
+    def set_episodes(self, episodes: Iterable[Any]) -> None: ...
 
     def commit(self) -> int: ...
 
@@ -110,6 +113,8 @@ class PrecomputeStats:
         vvp_written: VVP entries written.
         skipped_vtp: VTP entries already in the cache (resume).
         skipped_vvp: VVP entries already in the cache (resume).
+        dropped: Episodes dropped because a file they need is broken (``on_error="skip"``), ascending.
+        problems: The broken files met, one problem each, naming the episodes they took down.
     """
 
     query_passes: int = 0
@@ -118,6 +123,8 @@ class PrecomputeStats:
     vvp_written: int = 0
     skipped_vtp: int = 0
     skipped_vvp: int = 0
+    dropped: list[int] = field(default_factory=list)
+    problems: DataReport = field(default_factory=DataReport)
 
 
 def episode_records(episodes: Sequence[Any]) -> list[tuple[int, str, str, int, list[str], list[str]]]:
