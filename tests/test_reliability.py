@@ -270,6 +270,19 @@ def test_skip_drops_exactly_the_episodes_that_need_a_broken_file(clean_job, tiny
         np.testing.assert_allclose(cache.vtp(key, class_id).numpy(), clean.vtp(key, class_id).numpy(), atol=2e-3)
 
 
+def test_a_stopped_skip_run_resumes_to_the_uninterrupted_one(clean_job, tiny_clip_dir, tmp_path, monkeypatch):
+    root, bad, needing = _broken_copy(clean_job, tmp_path, "truncated JPEG", "support")
+    whole = tmp_path / "whole.h5"
+    assert _invoke(_job_args(clean_job, root, tiny_clip_dir, whole, "--on-error", "skip")).exit_code == 0
+    out = tmp_path / "stopped.h5"
+    with _stop_after_commits(monkeypatch, 2):
+        assert _invoke(_job_args(clean_job, root, tiny_clip_dir, out, "--on-error", "skip")).exit_code != 0
+    resumed = _invoke(_job_args(clean_job, root, tiny_clip_dir, out, "--on-error", "skip"))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"dropped {len(needing)} episode(s)" in _flat(resumed) and bad.name in _flat(resumed)
+    _assert_same_arrays(whole, out)
+
+
 @pytest.mark.parametrize("kind", BROKEN_KINDS)
 def test_every_data_error_names_the_file_the_episodes_and_the_fix(clean_job, tiny_clip_dir, tmp_path, kind):
     root, bad, needing = _broken_copy(clean_job, tmp_path, kind, "support")
