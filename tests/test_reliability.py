@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from clipprior import PriorConfig
-from clipprior.cache import CacheWriter, PriorCache, parts_dir, provenance_diff
+from clipprior.cache import CacheWriter, PriorCache, check_cache, parts_dir, provenance_diff
 from clipprior.cli.main import app
 from clipprior.data import EpisodeMeta, open_dataset, sample_episodes, write_episodes
 from clipprior.data.lists import write_fss_lists
@@ -261,6 +261,7 @@ def test_skip_drops_exactly_the_episodes_that_need_a_broken_file(clean_job, tiny
     assert result.exit_code == 0, result.output
     text = _flat(result)
     assert f"dropped {len(needing)} episode(s)" in text and bad.name in text
+    assert check_cache(out).ok  # complete for the episodes it lists
     cache, clean = PriorCache(out), PriorCache(clean_job["clean"])
     kept = {e.index for e in cache.episodes}
     assert kept == set(range(len(clean_job["episodes"]))) - needing
