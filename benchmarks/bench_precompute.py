@@ -79,7 +79,7 @@ TRAINER_SIZE = 473  # the PFENet-family test tensors VVP runs on in the official
 FOLD, SEED = 0, 321
 
 # Where the engine looks up each function the probe wraps (one module per stage of clipprior.precompute).
-_PATCHED = {"_vtp_pass": passes_stage, "support_features": passes_stage, "pir": post_stage,
+_PATCHED = {"vtp_pass": passes_stage, "support_features": passes_stage, "pir": post_stage,
             "SupportStore": engine_stage}
 
 GOALS = {"speedup_1shot": 4.0, "speedup_5shot": 9.0, "pass_ratio": 1.15, "memory_growth": 0.10}
@@ -336,7 +336,7 @@ class Probe:
         probe = self
 
         def vtp_pass(clip: ClipBundle, pixels: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            out, clock = probe._timed(lambda: originals["_vtp_pass"](clip, pixels, *args, **kwargs))
+            out, clock = probe._timed(lambda: originals["vtp_pass"](clip, pixels, *args, **kwargs))
             probe._record("query", pixels, clock)
             return out
 
@@ -358,7 +358,7 @@ class Probe:
                 self.features = _TrackedDict()
                 probe.stores.append(self.features)
 
-        patches = {"_vtp_pass": vtp_pass, "support_features": supports, "pir": refine, "SupportStore": TrackedStore}
+        patches = {"vtp_pass": vtp_pass, "support_features": supports, "pir": refine, "SupportStore": TrackedStore}
         try:
             for name, value in patches.items():
                 setattr(_PATCHED[name], name, value)

@@ -25,6 +25,7 @@ __all__ = [
     "normalize",
     "pixel_statistics",
     "preprocess_query",
+    "preprocess_support",
     "resize_to_patch_multiple",
     "to_rgb_array",
 ]
@@ -142,6 +143,46 @@ def preprocess_query(image: ImageLike, patch_size: int, resample: str = "bicubic
         torch.Size([3, 32, 48])
     """
     return normalize(resize_to_patch_multiple(image, patch_size, resample), norm)
+
+
+def preprocess_support(image: ImageLike, label: np.ndarray, patch_size: int, resample: str = "bicubic",
+                       norm: str = "clip") -> tuple[torch.Tensor, torch.Tensor]:
+    """A support image and its label as the VVP pass sees them: (H, W, 3), (H, W) -> (3, Hr, Wr), (Hr, Wr).
+
+    The image is prepared as :func:`preprocess_query` prepares a query (resized up to a multiple of
+    the patch size, normalised with ``norm``); the label follows it with a nearest-neighbour resize
+    (torch ``nearest``) when the size changes. One image at a time: supports of a batch may differ
+    in size; stack the outputs of equal-sized ones for :func:`clipprior.priors.support_features`.
+
+    Args:
+        image: The support image (any PIL mode is converted to RGB).
+        label: (H, W) integer labels of that image (1 = target, 0 = background, 255 = ignore).
+        patch_size: The model's patch size (``clip.patch_size``).
+        resample: PIL filter of the image resize.
+        norm: ``"clip"`` or ``"imagenet"`` pixel statistics.
+
+    Returns:
+        (3, Hr, Wr) float32 pixels and (Hr, Wr) int64 labels.
+
+    Raises:
+        InvalidInputError: if the label's size differs from the image's, or the image is unusable.
+
+    Example:
+        >>> pixels, labels = preprocess_support(np.zeros((20, 40, 3), np.uint8), np.ones((20, 40)), 16)
+        >>> tuple(pixels.shape), tuple(labels.shape)
+        ((3, 32, 48), (32, 48))
+    """
+    rgb = to_rgb_array(image)
+    label = np.asarray(label)
+    if label.shape != rgb.shape[:2]:
+        raise InvalidInputError(f"support mask of size {label.shape} does not match its image of size "
+                                f"{rgb.shape[:2]}; pass the mask of that image")
+    resized = resize_to_patch_multiple(rgb, patch_size, resample)
+    lab = torch.from_numpy(label.astype(np.int64))
+    if resized.shape[:2] != rgb.shape[:2]:
+        small = torch.nn.functional.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")
+        lab = small[0, 0].long()
+    return normalize(resized, norm), lab
 
 
 def check_finite(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> None:

@@ -29,13 +29,22 @@ from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
 from clipprior.hooks import ActivationRecorder, AttentionRecorder
 from clipprior.model import ClipBundle
-from clipprior.preprocess import ImageLike, check_finite, normalize, resize_to_patch_multiple, to_rgb_array
+from clipprior.preprocess import (
+    ImageLike,
+    check_finite,
+    normalize,
+    preprocess_support,
+    resize_to_patch_multiple,
+    to_rgb_array,
+)
 
 __all__ = [
     "EpisodePriors",
     "PIRResult",
+    "SupportCells",
     "TextFeatures",
     "VTPResult",
+    "best_cosine_match",
     "box_mask",
     "compute_priors",
     "encode_text",
@@ -45,6 +54,7 @@ __all__ = [
     "sinkhorn",
     "support_features",
     "vtp",
+    "vtp_pass",
     "vvp",
     "vvp_from_features",
 ]
@@ -388,7 +398,8 @@ def vtp(
     sets = _class_sets(classes, context)
     if text is None:
         text = encode_text(clip, sorted({n for s in sets for n in s}), config)
-    return _vtp_pass(clip, pixels, index, sets, text, config, return_attention, return_features)
+    return vtp_pass(clip, pixels, index, sets, text, config, return_attention=return_attention,
+                    return_features=return_features)
 
 
 def _text_matrix(sets: list[list[str]], text: TextFeatures, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,10 +417,60 @@ def _text_matrix(sets: list[list[str]], text: TextFeatures, device: torch.device
     return matrix, valid
 
 
-def _vtp_pass(
-    clip: ClipBundle, pixels: torch.Tensor, index: torch.Tensor, sets: list[list[str]], text: TextFeatures,
-    config: PriorConfig, want_attention: bool, want_features: bool,
+def vtp_pass(
+    clip: ClipBundle,
+    pixels: torch.Tensor,
+    image_index: torch.Tensor,
+    class_sets: Sequence[Sequence[str]],
+    text: TextFeatures,
+    config: PriorConfig | None = None,
+    *,
+    return_attention: bool = False,
+    return_features: bool = False,
 ) -> VTPResult:
+    """The query pass behind :func:`vtp`, for callers that prepare their own batches (the engine).
+
+    Layers 1..L-1 run once without gradients on the B images; the last layer runs with gradients
+    on the P (image, class set) pairs; one backward of the summed target scores gives every pair
+    its Grad-CAM. Unlike :func:`vtp`, nothing is re-validated or encoded here: the pixels are used
+    on the model's device and dtype as given (moved there if needed, not checked for NaN/Inf), and
+    ``text`` must hold every name of ``class_sets``.
+
+    Args:
+        clip: The loaded CLIP.
+        pixels: (B, 3, H, W) normalised images (see :func:`clipprior.preprocess.preprocess_query`).
+        image_index: (P,) long, the image of each pair (on any device).
+        class_sets: P lists of prompt names: the pair's target first, then its context classes
+            (whose prompts join the softmax).
+        text: Text features holding every name of ``class_sets`` (see :func:`encode_text`).
+        config: Knobs; defaults to :class:`PriorConfig`.
+        return_attention: Also record the PIR attention (P, n, n).
+        return_features: Also return the hidden states after ``config.vvp_layers`` (B, L', n, D).
+
+    Returns:
+        A :class:`VTPResult`: ``cam`` (P, h, w) and ``scores`` (P,) float32 on the model's device,
+        ``image_index`` as given, ``attention`` (P, n, n) float32, ``features`` (B, L', n, D) in
+        the model's dtype.
+
+    Raises:
+        InvalidInputError: if ``image_index`` and ``class_sets`` disagree in length, a pair has no
+            class, or a layer of ``config`` does not exist in the model.
+        ConfigError: if ``config.pir_layers`` exceeds the model's layer count.
+
+    Example:
+        >>> out = vtp_pass(clip, pixels, torch.tensor([0, 0]), [["cat"], ["dog", "cat"]], text,
+        ...                return_attention=True)  # doctest: +SKIP
+        >>> out.cam.shape, out.attention.shape  # doctest: +SKIP
+        (torch.Size([2, 14, 14]), torch.Size([2, 196, 196]))
+    """
+    config = config or PriorConfig()
+    index = torch.as_tensor(image_index, dtype=torch.long).reshape(-1)
+    sets = [list(names) for names in class_sets]
+    if index.numel() != len(sets) or not sets or any(not names for names in sets):
+        raise InvalidInputError(f"image_index has {index.numel()} entries for {len(sets)} class sets; pass one "
+                                f"non-empty class set per pair")
+    want_attention, want_features = return_attention, return_features
+    pixels = pixels.to(device=clip.device, dtype=clip.dtype)
     model = clip.model
     vm = model.vision_model
     blocks = vision_layers(vm)
@@ -567,6 +628,131 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # VVP
 
 
+@dataclass(frozen=True)
+class SupportCells:
+    """Supports' features on their foreground cells: what the cosine-max of VVP reads.
+
+    Cells outside a support's mask carry zero vectors in the official computation, whose cosine
+    with any query patch is 0: keeping only the foreground cells, and clamping the maximum at 0
+    where the support has a background cell, gives the same maps for a fraction of the memory and
+    work. N supports with different foreground counts are padded to the largest count ``f``.
+
+    Attributes:
+        features: (N, L, f, D) float32 features of the foreground cells (zeros in the padding).
+        norms: (N, L, f) float32 their L2 norms.
+        valid: (N, f) bool, which of the f slots hold a foreground cell.
+        has_background: (N,) bool, whether some cell of the support's grid lies outside its mask.
+
+    Example:
+        >>> cells = SupportCells.from_grid(torch.randn(2, 1, 4, 3), torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]]))
+        >>> tuple(cells.features.shape), cells.valid.tolist()
+        ((2, 1, 2, 3), [[True, True], [True, False]])
+    """
+
+    features: torch.Tensor
+    norms: torch.Tensor
+    valid: torch.Tensor
+    has_background: torch.Tensor
+
+    @classmethod
+    def from_grid(cls, features: torch.Tensor, mask: torch.Tensor) -> SupportCells:
+        """Keep the foreground cells: (N, L, m, D) features + (N, m) mask of each support's grid.
+
+        Runs on the features' device; the order of the cells is kept (row-major on the grid).
+
+        Raises:
+            InvalidInputError: if the shapes disagree.
+        """
+        if features.ndim != 4 or mask.shape != (features.shape[0], features.shape[2]):
+            raise InvalidInputError(f"features must be (N, L, m, D) and mask (N, m); got {tuple(features.shape)} "
+                                    f"and {tuple(mask.shape)}")
+        mask = mask.to(features.device).bool()
+        counts = mask.sum(dim=1)
+        width = int(counts.max()) if mask.numel() else 0
+        # Slot of each foreground cell: its rank among the support's foreground cells.
+        slot = torch.where(mask, mask.long().cumsum(dim=1) - 1, width)
+        n, layers, _, dim = features.shape
+        cells = features.new_zeros((n, layers, width + 1, dim), dtype=torch.float32)
+        cells.scatter_(2, slot[:, None, :, None].expand(n, layers, -1, dim), features.float())
+        cells = cells[:, :, :width].contiguous()
+        valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+        return cls(cells, cells.norm(dim=-1), valid, (~mask).any(dim=1))
+
+    @classmethod
+    def cat(cls, parts: Sequence[SupportCells]) -> SupportCells:
+        """Concatenate along N, padding every part to the largest foreground count.
+
+        Raises:
+            InvalidInputError: for an empty sequence.
+        """
+        if not parts:
+            raise InvalidInputError("no SupportCells to concatenate")
+        width = max(int(p.features.shape[2]) for p in parts)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = width - t.shape[dim]
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        return cls(
+            torch.cat([pad(p.features, 2) for p in parts]),
+            torch.cat([pad(p.norms, 2) for p in parts]),
+            torch.cat([pad(p.valid, 1) for p in parts]),
+            torch.cat([p.has_background for p in parts]),
+        )
+
+    def to(self, device: torch.device | str) -> SupportCells:
+        """The same cells on ``device``."""
+        return SupportCells(*(t.to(device) for t in (self.features, self.norms, self.valid, self.has_background)))
+
+
+def best_cosine_match(query: torch.Tensor, query_norms: torch.Tensor, cells: SupportCells, eps: float = 1e-7
+                      ) -> torch.Tensor:
+    """Per query patch, the best cosine among a support's foreground cells: the VVP map.
+
+    ``P(j) = max_i q_j . s_i / (|q_j| |s_i| + eps)`` over the foreground cells i, clamped at 0 where
+    the support has a background cell (whose zero vector gives cosine 0, as in the official code).
+    A support without foreground cells gives 0. This is the one implementation of VVP's
+    cosine-max: :func:`vvp`, :func:`vvp_from_features` and the precompute engine call it. Runs on
+    the device of its inputs, batched over the N (query, support) pairs.
+
+    Args:
+        query: (N, L, n, D) query patch features (any float dtype; computed in float32), one row per
+            (query, support) pair: expand a query over its K shots with ``expand`` (no copy).
+        query_norms: (N, L, n) their L2 norms.
+        cells: The N supports' foreground cells (see :meth:`SupportCells.from_grid`).
+        eps: Added to the product of norms.
+
+    Returns:
+        (N, L, n) float32.
+
+    Raises:
+        InvalidInputError: if the shapes disagree.
+
+    Example:
+        >>> q = torch.randn(1, 2, 6, 4)
+        >>> cells = SupportCells.from_grid(torch.randn(1, 2, 5, 4), torch.tensor([[1, 1, 0, 0, 0]]))
+        >>> best_cosine_match(q, q.norm(dim=-1), cells).shape
+        torch.Size([1, 2, 6])
+    """
+    n, layers, _, dim = query.shape
+    shape = cells.features.shape
+    if shape[:2] != (n, layers) or shape[-1] != dim or query_norms.shape != query.shape[:3]:
+        raise InvalidInputError(f"query {tuple(query.shape)} / norms {tuple(query_norms.shape)} do not match the "
+                                f"support cells {tuple(cells.features.shape)}; expected (N, L, n, D) and (N, L, f, D)")
+    if cells.features.shape[2] == 0:
+        return torch.zeros(query_norms.shape, device=query.device)
+    sim = torch.matmul(query.float(), cells.features.transpose(-1, -2))
+    sim.div_(query_norms.float()[..., None] * cells.norms[:, :, None, :] + eps)
+    sim.masked_fill_(~cells.valid[:, None, None, :], float("-inf"))
+    best = sim.amax(dim=-1)
+    # -inf (no foreground cell) and negative maxima become 0 where a background cell exists.
+    return torch.where(cells.has_background[:, None, None], best.clamp_min(0.0), best)
+
+
 def vvp_from_features(
     query_features: torch.Tensor,
     support_features: torch.Tensor,
@@ -588,15 +774,21 @@ def vvp_from_features(
 
     Returns:
         (B, L*K, h, w) float32: layer-major, shots inner (layer 0 shots 1..K, layer 1 shots 1..K, ...).
+
+    Raises:
+        InvalidInputError: if the shapes disagree.
     """
+    if query_features.ndim != 4 or support_features.ndim != 5 or support_features.shape[0] != query_features.shape[0]:
+        raise InvalidInputError(f"query_features must be (B, L, n, D) and support_features (B, K, L, m, D); got "
+                                f"{tuple(query_features.shape)} and {tuple(support_features.shape)}")
+    batch, shots = support_features.shape[:2]
+    cells = SupportCells.from_grid(support_features.flatten(0, 1), support_mask.reshape(batch * shots, -1))
     q = query_features.float()
-    s = support_features.float() * support_mask[:, :, None, :, None].float()
-    qn = q.norm(dim=-1)  # (B, L, n)
-    sn = s.norm(dim=-1)  # (B, K, L, m)
-    dots = torch.einsum("blnd,bklmd->blknm", q, s)
-    denom = qn[:, :, None, :, None] * sn.permute(0, 2, 1, 3)[:, :, :, None, :] + eps
-    sim = (dots / denom).amax(dim=-1)  # (B, L, K, n)
-    maps = sim.reshape(q.shape[0], -1, *grid)
+    qn = q.norm(dim=-1)
+    expand = (batch, shots, *q.shape[1:])
+    best = best_cosine_match(q[:, None].expand(expand).flatten(0, 1), qn[:, None].expand(expand[:-1]).flatten(0, 1),
+                             cells, eps)  # (B*K, L, n)
+    maps = best.reshape(batch, shots, q.shape[1], -1).transpose(1, 2).reshape(batch, -1, *grid)
     if normalize_maps:
         maps = minmax_normalize(maps.reshape(-1, *grid), eps).reshape(maps.shape)
     return maps
@@ -739,20 +931,6 @@ class EpisodePriors:
         )
 
 
-def _prepare_support(image: ImageLike, label: np.ndarray, patch: int, config: PriorConfig
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    rgb = to_rgb_array(image)
-    label = np.asarray(label)
-    if label.shape != rgb.shape[:2]:
-        raise InvalidInputError(f"support mask of size {label.shape} does not match its image of size "
-                                f"{rgb.shape[:2]}; pass the mask of that image")
-    resized = resize_to_patch_multiple(rgb, patch, config.vtp_resample)
-    lab = torch.from_numpy(label.astype(np.int64))
-    if resized.shape[:2] != rgb.shape[:2]:
-        lab = F.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")[0, 0].long()
-    return normalize(resized, config.vvp_pixel_norm), lab
-
-
 def compute_priors(
     clip: ClipBundle,
     query: ImageLike,
@@ -807,7 +985,7 @@ def compute_priors(
             query_feats = layer_features(clip, qpix[None], config.vvp_layers, config)
         feats, masks = [], []
         for image, label in zip(supports, support_masks, strict=True):
-            spix, slab = _prepare_support(image, label, patch, config)
+            spix, slab = preprocess_support(image, label, patch, config.vtp_resample, config.vvp_pixel_norm)
             f, m = support_features(clip, spix[None], slab[None], config)
             feats.append(f)
             masks.append(m)

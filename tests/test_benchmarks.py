@@ -133,15 +133,15 @@ def test_layer_features_rejects_cells_of_the_wrong_shape(bundle):
 @given(layers=st.integers(1, 3), n=st.integers(1, 12), m=st.integers(1, 12), dim=st.integers(1, 6),
        fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_foreground_cell_matching_equals_vvp_from_features(layers, n, m, dim, fraction, seed):
-    from clipprior.precompute.post import Cells, best_match
-    from clipprior.priors import vvp_from_features
+    from clipprior.priors import SupportCells, best_cosine_match, vvp_from_features
 
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(layers, n, dim, generator=gen)
     support = torch.randn(layers, m, dim, generator=gen)
     mask = torch.rand(m, generator=gen) < fraction
     expected = vvp_from_features(query[None], support[None, None], mask[None, None], (1, n))[0].reshape(layers, n)
-    got = best_match(query, query.norm(dim=-1), Cells.from_grid(support, mask), 1e-7)
+    got = best_cosine_match(query[None], query.norm(dim=-1)[None], SupportCells.from_grid(support[None], mask[None]),
+                            1e-7)[0]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 

@@ -32,10 +32,10 @@ from clipprior.precompute.plan import (
     size_batches,
     support_homes,
 )
-from clipprior.precompute.post import Cells, QueryFeatures, SupportStore, episode_vvp, refine
+from clipprior.precompute.post import QueryFeatures, SupportStore, episode_vvp, refine
 from clipprior.precompute.provenance import check_recorded_settings
 from clipprior.precompute.write import write_vtp
-from clipprior.priors import EpisodePriors, TextFeatures, compute_priors, encode_text
+from clipprior.priors import EpisodePriors, SupportCells, TextFeatures, compute_priors, encode_text
 
 __all__ = ["ProgressFn", "recompute_episode", "run_precompute"]
 
@@ -241,7 +241,7 @@ def _run_supports(
         feats, masks = support_pass(clip, loaded, config)
         for j, key in enumerate(loaded.keys):
             if key in wanted:
-                store.features[key] = Cells.from_grid(feats[j].cpu(), masks[j].cpu())
+                store.features[key] = SupportCells.from_grid(feats[j:j + 1].cpu(), masks[j:j + 1].cpu())
         stats.support_passes += len(loaded.keys)
         del loaded
         report("support", len(batch))

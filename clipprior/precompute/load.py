@@ -18,8 +18,7 @@ from clipprior.data.images import check_same_size
 from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
-from clipprior.preprocess import normalize, resize_to_patch_multiple
-from clipprior.priors import _prepare_support
+from clipprior.preprocess import normalize, preprocess_support, resize_to_patch_multiple
 
 __all__ = ["LoadFaults", "QueryBatch", "SupportBatch", "fss_mask", "load_checked", "load_query_batch",
            "load_support_batch", "present_names"]
@@ -132,7 +131,7 @@ def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorCon
             f"support mask {path} has no pixel of class {class_id}, the class its image {_file(dataset, image)} "
             "is a support of: the support lists do not match the masks; rebuild them from the masks "
             "(`clipprior lists build`)"), path)
-    return _prepare_support(rgb, fss, patch, config)
+    return preprocess_support(rgb, fss, patch, config.vtp_resample, config.vvp_pixel_norm)
 
 
 def load_support_batch(dataset: Dataset, batch: Sequence[SupportKey], patch: int, config: PriorConfig,

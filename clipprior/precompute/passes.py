@@ -13,7 +13,7 @@ from clipprior.config import PriorConfig
 from clipprior.model import ClipBundle
 from clipprior.precompute.load import QueryBatch, SupportBatch
 from clipprior.preprocess import normalize
-from clipprior.priors import TextFeatures, VTPResult, _vtp_pass, layer_features, support_features
+from clipprior.priors import TextFeatures, VTPResult, layer_features, support_features, vtp_pass
 
 __all__ = ["query_features", "query_pass", "support_pass"]
 
@@ -26,7 +26,8 @@ def query_pass(clip: ClipBundle, batch: QueryBatch, text: TextFeatures, config: 
     """
     pixels = batch.pixels.to(clip.device, clip.dtype)
     index = torch.tensor([b for b, _ in batch.pairs], dtype=torch.long)
-    return _vtp_pass(clip, pixels, index, batch.class_sets, text, config, True, config.vvp_pixel_norm == "clip")
+    return vtp_pass(clip, pixels, index, batch.class_sets, text, config, return_attention=True,
+                    return_features=config.vvp_pixel_norm == "clip")
 
 
 def query_features(clip: ClipBundle, batch: QueryBatch, out: VTPResult, b: int, config: PriorConfig) -> torch.Tensor:
