@@ -102,7 +102,9 @@ class PriorConfig:
         cam_norm_passes: How many times the Grad-CAM is min-max normalised (the official
             pytorch-grad-cam path normalises twice: per layer and after aggregation).
         cam_eps: Epsilon of the min-max normalisation ``(x - min) / (eps + max)``.
-        pir_layers: Number of last layers whose head-averaged attention PIR averages.
+        pir_layers: Number of last layers whose head-averaged attention PIR averages. Checked
+            against the model when used: the default 8 is capped at the depth of a smaller model,
+            any other value larger than the model's layer count is refused.
         pir_sinkhorn_iters: Sinkhorn iterations (column then row normalisation) on the attention.
         pir_square: Square R once more (``R = R @ R``), as the official code does beyond Eq. 10.
         pir_box_threshold: Fraction of the CAM's maximum (on the uint8 scale) above which a grid

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.config import PriorConfig
-from clipprior.errors import InvalidInputError
+from clipprior.errors import ConfigError, InvalidInputError
 from clipprior.hooks import ActivationRecorder, AttentionRecorder
 from clipprior.model import ClipBundle
 from clipprior.preprocess import (
@@ -46,11 +46,14 @@ __all__ = [
     "VTPResult",
     "best_cosine_match",
     "box_mask",
+    "check_config_layers",
     "compute_priors",
+    "connected_components",
     "encode_text",
     "layer_features",
     "minmax_normalize",
     "pir",
+    "present_names",
     "sinkhorn",
     "support_features",
     "vtp",
@@ -192,54 +195,236 @@ def sinkhorn(attention: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     return d
 
 
-def _boxes_2d(cam: np.ndarray, threshold: float) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes [x0, y0, x1, y1] (end-exclusive, clipped as the official code) of the CAM's blobs."""
-    gh, gw = cam.shape
-    u8 = (cam * 255).astype(np.uint8)
-    fg = u8 > int(threshold * int(u8.max()))
-    labels, _ = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
-    boxes = []
-    for sl in ndimage.find_objects(labels):
-        if sl is None:
-            continue
-        y, x = sl[0].start, sl[1].start
-        h, w = sl[0].stop - y, sl[1].stop - x
-        boxes.append((x, y, min(x + w, gw - 1), min(y + h, gh - 1)))
-    return boxes
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """8-connected components of binary maps, on their device: (P, h, w) bool -> (P, h, w) long.
+
+    Background cells get 0; every cell of a component gets 1 + the largest row-major index of the
+    component's cells, so labels are unique within a map (not consecutive). Computed by label
+    propagation over the whole batch: each foreground cell starts with its own index; each round it
+    takes the maximum over its 3 x 3 neighbourhood (restricted to the foreground), then over its
+    horizontal and its vertical run of foreground cells (long straight stretches converge in one
+    step), then jumps to the label of the cell its label names (pointer jumping), until nothing
+    changes. The result is the partition ``scipy.ndimage.label`` gives with a 3 x 3 structuring
+    element (tested on random and adversarial masks).
+
+    Raises:
+        InvalidInputError: if ``mask`` is not (P, h, w).
+
+    Example:
+        >>> m = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 0]], [[1, 0, 1], [0, 0, 0], [1, 1, 0]]]).bool()
+        >>> connected_components(m).tolist()
+        [[[5, 0, 0], [0, 5, 0], [0, 0, 0]], [[1, 0, 3], [0, 0, 0], [8, 8, 0]]]
+    """
+    if mask.ndim != 3:
+        raise InvalidInputError(f"mask must be (P, h, w), got {tuple(mask.shape)}")
+    fg = mask.bool()
+    count, height, width = fg.shape
+    cells = height * width
+    index = torch.arange(1, cells + 1, device=fg.device).reshape(1, height, width)
+    labels = torch.where(fg, index, 0)
+    cols_fg = fg.transpose(1, 2).contiguous()
+    while True:
+        new = torch.where(fg, _max_3x3(labels), 0)
+        new = _run_max(new, fg)
+        new = _run_max(new.transpose(1, 2), cols_fg).transpose(1, 2).reshape(count, cells)
+        # Pointer jumping: label l names cell l - 1 of the same component; take its label.
+        for _ in range(2):
+            new = torch.maximum(new, new.gather(1, (new - 1).clamp_min(0)) * (new > 0))
+        new = new.reshape(count, height, width)
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def _max_3x3(labels: torch.Tensor) -> torch.Tensor:
+    """Maximum over each cell's 3 x 3 neighbourhood (zero beyond the edges): (P, h, w) -> (P, h, w)."""
+    padded = F.pad(labels, (1, 1, 1, 1))
+    rows = torch.maximum(torch.maximum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])
+    return torch.maximum(torch.maximum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
+
+
+def _run_max(labels: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """Every foreground cell takes the maximum of its run of foreground cells along the last axis.
+
+    (P, h, w) long labels (0 on the background) and bool foreground -> (P, h, w) long. Runs are
+    numbered along each row; ``run * (max + 1) + label`` keys, increasing from run to run, turn
+    the per-run maximum into two cumulative maxima (forward, then backward).
+    """
+    starts = fg & ~F.pad(fg[..., :-1], (1, 0), value=False)
+    run = starts.long().cumsum(-1)
+    span = int(labels.shape[-2] * labels.shape[-1]) + 1  # labels are <= h*w of the (untransposed) map
+    forward = torch.cummax(run * span + labels, dim=-1).values
+    runs = int(labels.shape[-1]) + 1
+    backward = torch.cummax(((runs - run) * span + forward % span).flip(-1), dim=-1).values.flip(-1)
+    return torch.where(fg, backward % span, 0)
+
+
+def _box_foreground(cam: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The official foreground of the box mask: ``uint8(255 cam) > int(threshold * max)``, (P, h, w) bool.
+
+    ``cam * 255`` is computed in float32 and truncated to an integer as numpy's ``astype(uint8)``
+    does (values are clamped to [0, 255] first, where the cast is defined); the integer threshold
+    comes from a table of ``int(threshold * u)`` for the 256 possible maxima, computed in Python
+    double precision exactly as the official code does.
+    """
+    u8 = (cam.float() * 255).clamp_(0, 255).to(torch.uint8).long()
+    table = torch.tensor([int(threshold * u) for u in range(256)], device=cam.device)
+    limit = table[u8.flatten(1).amax(dim=1)] if u8.numel() else u8.new_zeros(cam.shape[0])
+    return u8 > limit[:, None, None]
+
+
+def _component_boxes(labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Bounding boxes of labelled components, clipped as the official code clips them.
+
+    Returns ``present``, ``first``, ``x0``, ``y0``, ``x1``, ``y1``: (P, h*w + 1) tensors indexed by
+    label (slot 0, the background, is never present); ``first`` is the row-major index of a
+    component's first cell (``scipy.ndimage.find_objects`` order).
+    """
+    count, height, width = labels.shape
+    cells = height * width
+    flat = labels.reshape(count, cells)
+    pos = torch.arange(cells, device=labels.device)
+    ys, xs = (pos // width).expand(count, cells), (pos % width).expand(count, cells)
+
+    def reduce(values: torch.Tensor, how: str, fill: int) -> torch.Tensor:
+        start = torch.full((count, cells + 1), fill, dtype=torch.long, device=labels.device)
+        return start.scatter_reduce(1, flat, values, how)
+
+    y_min, y_max = reduce(ys, "amin", height), reduce(ys, "amax", -1)
+    x_min, x_max = reduce(xs, "amin", width), reduce(xs, "amax", -1)
+    first = reduce(pos.expand(count, cells), "amin", cells)
+    present = y_max >= 0
+    present[:, 0] = False
+    y1 = torch.minimum(y_max + 1, torch.tensor(height - 1, device=labels.device))
+    x1 = torch.minimum(x_max + 1, torch.tensor(width - 1, device=labels.device))
+    return present, first, x_min, y_min, x1, y1
 
 
 def box_mask(cam: torch.Tensor, threshold: float = 0.4, *, return_boxes: bool = False
              ) -> torch.Tensor | tuple[torch.Tensor, list[list[tuple[int, int, int, int]]]]:
-    """The box mask B of PIR: (P, h, w) CAM in [0, 1] -> (P, h, w) bool.
+    """The box mask B of PIR: (P, h, w) CAM in [0, 1] -> (P, h, w) bool, on the CAM's device.
 
     A cell is foreground when ``uint8(255 cam) > int(threshold * max)``; every 8-connected
     foreground region contributes its bounding box, end-exclusive and clipped to ``w - 1`` /
     ``h - 1`` as in the official code (so the last row and column never enter B).
 
+    Where it runs: on an accelerator (CUDA, ...) the whole batch stays on the device
+    (:func:`connected_components` by label propagation, then every box painted at once with a 2-D
+    difference array): no per-map loop, no host copy. On the CPU the CAM already is in host memory
+    and SciPy's sequential labelling is 30-100x faster than tensor label propagation (measured, see
+    benchmarks/NOTES.md), so the maps are labelled there one by one. The two paths give identical
+    masks (tested on random and adversarial maps).
+
     Args:
         cam: Normalised CAMs.
         threshold: Fraction of the maximum.
-        return_boxes: Also return the boxes ``[x0, y0, x1, y1]`` of each map.
+        return_boxes: Also return the boxes ``[x0, y0, x1, y1]`` of each map (on the host), in the
+            order of their first cell (row-major).
+
+    Raises:
+        InvalidInputError: if ``cam`` is not (P, h, w).
 
     Example:
         >>> cam = torch.zeros(1, 4, 4); cam[0, 1, 1] = 1.0
         >>> box_mask(cam).int()[0, 1]
         tensor([0, 1, 0, 0], dtype=torch.int32)
     """
-    maps = cam.detach().float().cpu().numpy()
-    masks = np.zeros(maps.shape, dtype=bool)
+    if cam.ndim != 3:
+        raise InvalidInputError(f"cam must be (P, h, w), got {tuple(cam.shape)}")
+    if cam.device.type == "cpu":
+        return _box_mask_host(cam, threshold, return_boxes)
+    return _box_mask_device(cam, threshold, return_boxes)
+
+
+def _box_mask_host(cam: torch.Tensor, threshold: float, return_boxes: bool
+                   ) -> torch.Tensor | tuple[torch.Tensor, list[list[tuple[int, int, int, int]]]]:
+    """:func:`box_mask` with SciPy's labelling, map by map (the fast path for CPU tensors)."""
+    fg = _box_foreground(cam.detach(), threshold).numpy()
+    height, width = fg.shape[1:]
+    masks = np.zeros(fg.shape, dtype=bool)
     all_boxes = []
-    for i, m in enumerate(maps):
-        boxes = _boxes_2d(m, threshold)
-        for x0, y0, x1, y1 in boxes:
-            masks[i, y0:y1, x0:x1] = True
+    for i, grid in enumerate(fg):
+        labels, _ = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
+        boxes = []
+        for sl in ndimage.find_objects(labels):
+            if sl is None:
+                continue
+            y0, x0 = sl[0].start, sl[1].start
+            boxes.append((x0, y0, min(sl[1].stop, width - 1), min(sl[0].stop, height - 1)))
+            masks[i, y0:boxes[-1][3], x0:boxes[-1][2]] = True
         all_boxes.append(boxes)
-    out = torch.from_numpy(masks).to(cam.device)
+    out = torch.from_numpy(masks)
     return (out, all_boxes) if return_boxes else out
+
+
+def _box_mask_device(cam: torch.Tensor, threshold: float, return_boxes: bool
+                     ) -> torch.Tensor | tuple[torch.Tensor, list[list[tuple[int, int, int, int]]]]:
+    """:func:`box_mask` over the whole batch with tensor operations on the CAM's device."""
+    count, height, width = cam.shape
+    labels = connected_components(_box_foreground(cam.detach(), threshold))
+    present, first, x0, y0, x1, y1 = _component_boxes(labels)
+    # Paint every box [y0, y1) x [x0, x1) at once: +1/-1 at its corners, then 2-D prefix sums.
+    # (Empty boxes, clipped away at the last row or column, cancel out.)
+    side = (height + 1) * (width + 1)
+    base = torch.arange(count, device=cam.device)[:, None] * side
+    weight = present.long()
+    diff = torch.zeros(count * side, dtype=torch.long, device=cam.device)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        where = base + ys.clamp(0, height) * (width + 1) + xs.clamp(0, width)
+        diff.index_add_(0, where.reshape(-1), (sign * weight).reshape(-1))
+    covered = diff.reshape(count, height + 1, width + 1).cumsum(1).cumsum(2)[:, :height, :width]
+    out = covered > 0
+    if not return_boxes:
+        return out
+    host = [t.cpu() for t in (present, first, x0, y0, x1, y1)]
+    all_boxes = []
+    for p in range(count):
+        slots = torch.nonzero(host[0][p]).flatten()
+        slots = slots[torch.argsort(host[1][p][slots])]
+        all_boxes.append([(int(host[2][p][s]), int(host[3][p][s]), int(host[4][p][s]), int(host[5][p][s]))
+                          for s in slots])
+    return out, all_boxes
 
 
 # ----------------------------------------------------------------------------------------------
 # Vision passes
+
+
+_DEFAULT_PIR_LAYERS = PriorConfig().pir_layers
+
+
+def check_config_layers(config: PriorConfig, num_layers: int, *, pir: bool = True, vvp: bool = True) -> None:
+    """Check the layer fields of ``config`` against a vision tower of ``num_layers`` layers.
+
+    A :class:`PriorConfig` does not know the model it will meet; the prior functions call this
+    when they use it. The default ``pir_layers`` (8, the official window of ViT-B/16's 12 layers)
+    is capped at the depth of a smaller model (every layer is averaged); a value set to anything
+    else must fit the model.
+
+    Args:
+        config: The knobs.
+        num_layers: The model's vision layer count (``clip.num_layers``).
+        pir: Check ``pir_layers`` (1..num_layers).
+        vvp: Check ``vvp_layers`` (each in [-num_layers, num_layers)).
+
+    Raises:
+        ConfigError: naming the field, its value and the model's layer count.
+
+    Example:
+        >>> check_config_layers(PriorConfig(pir_layers=99), 12)
+        Traceback (most recent call last):
+        ...
+        clipprior.errors.ConfigError: PriorConfig.pir_layers=99 exceeds the model's 12 vision layers; use 1..12
+    """
+    if pir and config.pir_layers > num_layers and config.pir_layers != _DEFAULT_PIR_LAYERS:
+        raise ConfigError(f"PriorConfig.pir_layers={config.pir_layers} exceeds the model's {num_layers} vision "
+                          f"layers; use 1..{num_layers}")
+    if vvp:
+        bad = [i for i in config.vvp_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ConfigError(f"PriorConfig.vvp_layers={config.vvp_layers} names layer(s) {bad} that a model of "
+                              f"{num_layers} vision layers does not have; use indices in "
+                              f"[{-num_layers}, {num_layers - 1}], e.g. (-1, -2)")
 
 
 def _layer_index(index: int, num_layers: int) -> int:
@@ -476,6 +661,7 @@ def vtp_pass(
     blocks = vision_layers(vm)
     n_layers = len(blocks)
     grid = patch_grid(vm.config, pixels.shape[-2], pixels.shape[-1])
+    check_config_layers(config, n_layers, pir=want_attention, vvp=want_features)
     feature_ids = [_layer_index(i, n_layers) for i in config.vvp_layers] if want_features else []
     attn_start = max(0, n_layers - config.pir_layers)
     num_heads = int(vm.config.num_attention_heads)
@@ -585,7 +771,8 @@ def pir(
         A :class:`PIRResult`.
 
     Raises:
-        InvalidInputError: if the shapes disagree or a tensor holds NaN/Inf.
+        InvalidInputError: if the shapes disagree, a tensor holds NaN/Inf or ``output_size`` is
+            not two positive integers.
 
     Example:
         >>> res = pir(out.cam, out.attention, output_size=(375, 500))  # doctest: +SKIP
@@ -598,12 +785,14 @@ def pir(
         raise InvalidInputError(
             f"attention must be (P, h*w, h*w) = {(cam.shape[0], n, n)}, got {tuple(attention.shape)}"
         )
+    if output_size is not None:
+        _check_size(output_size)
     check_finite("cam", cam)
     check_finite("attention", attention)
     cam32 = cam.float()
     d = sinkhorn(attention.float(), config.pir_sinkhorn_iters)
     r = torch.maximum(d, d @ d.transpose(-1, -2))
-    b = box_mask(cam32, config.pir_box_threshold) if mask is None else mask.bool()
+    b = box_mask(cam32, config.pir_box_threshold) if mask is None else mask.to(cam.device).bool()
     # Zeroing R's columns outside B and multiplying by the CAM is R @ (B * cam); with the squaring,
     # (R R) @ v = R @ (R @ v): two matrix-vector products instead of an n^3 product (as row sums,
     # which do not depend on the batch size the way bmm's blocking does).
@@ -617,8 +806,25 @@ def pir(
     return PIRResult(refined=refined, refined_grid=refined_grid, box_mask=b)
 
 
+def _check_size(size: object, name: str = "output_size") -> tuple[int, int]:
+    """``size`` as (H, W) positive ints, else InvalidInputError naming it."""
+    try:
+        height, width = (int(v) for v in size)  # type: ignore[attr-defined]
+        valid = (height, width) == tuple(size) and height > 0 and width > 0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise InvalidInputError(f"{name}={size!r} is not a size; pass (height, width), two positive integers")
+    return height, width
+
+
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize with half-pixel centres (OpenCV INTER_LINEAR): (P, h, w) -> (P, H, W)."""
+    """Bilinear resize with half-pixel centres (OpenCV INTER_LINEAR): (P, h, w) -> (P, H, W).
+
+    Raises:
+        InvalidInputError: if ``size`` is not two positive integers.
+    """
+    size = _check_size(size, "size")
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
@@ -838,6 +1044,7 @@ def support_features(clip: ClipBundle, pixel_values: torch.Tensor, labels: torch
         InvalidInputError: for an empty mask, a size mismatch or NaN/Inf pixels.
     """
     config = config or PriorConfig()
+    check_config_layers(config, clip.num_layers, pir=False)
     pixels = _prepare_pixels(clip, pixel_values, "supports")
     labels = torch.as_tensor(labels, device=pixels.device)
     _check_support_labels(labels, pixels)
@@ -891,6 +1098,7 @@ def vvp(
             f"batch/shot sizes disagree: query {tuple(query.shape)}, supports {tuple(supports.shape)}, "
             f"support_labels {tuple(support_labels.shape)}"
         )
+    check_config_layers(config, clip.num_layers, pir=False)
     qf = layer_features(clip, query, config.vvp_layers, config)
     sf, smask = support_features(clip, supports.flatten(0, 1), support_labels.flatten(0, 1), config)
     grid = patch_grid(clip.model.config.vision_config, query.shape[-2], query.shape[-1])
@@ -931,6 +1139,47 @@ class EpisodePriors:
         )
 
 
+def present_names(label: np.ndarray | torch.Tensor, target: int, class_names: Sequence[str]) -> list[str]:
+    """Prompt names of the classes other than ``target`` present in a label map, by ascending class id.
+
+    The context classes of ``text_classes="present"`` (the official code's softmax set): every
+    class id 1..C found in the query's ground truth (0 background and 255 ignore are not classes).
+
+    Args:
+        label: (H, W) class ids of the query.
+        target: The episode's class id (excluded).
+        class_names: Prompt name of class id c at index c - 1.
+
+    Example:
+        >>> present_names(np.array([[0, 1], [3, 255]]), 1, ["cat", "dog", "bird"])
+        ['bird']
+    """
+    values = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label).unique().tolist()
+    return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
+
+
+def _present_context(size: tuple[int, int], class_name: str, context: Sequence[str], query_label: object,
+                     class_names: Sequence[str] | None) -> list[str]:
+    """The softmax context of ``text_classes="present"`` for :func:`compute_priors`."""
+    if query_label is None or class_names is None:
+        raise InvalidInputError(
+            "config.text_classes='present' (the official preset) puts the classes present in the query's ground "
+            "truth into the softmax: pass query_label= (the query's (H, W) class ids) and class_names= (prompt name "
+            "of class id c at index c - 1), or use a config with text_classes='target'")
+    if context:
+        raise InvalidInputError(f"context={list(context)} and text_classes='present' both set the softmax classes; "
+                                f"pass query_label= alone (or text_classes='target' with context=)")
+    label = np.asarray(query_label)
+    if label.shape != tuple(size):
+        raise InvalidInputError(f"query_label of size {label.shape} does not match the query image of size "
+                                f"{tuple(size)}; pass the label map of that image")
+    names = list(class_names)
+    if class_name not in names:
+        raise InvalidInputError(f"class {class_name!r} is not among class_names {names[:10]}...; pass the prompt "
+                                f"names the label's class ids refer to")
+    return present_names(label, names.index(class_name) + 1, names)
+
+
 def compute_priors(
     clip: ClipBundle,
     query: ImageLike,
@@ -940,6 +1189,8 @@ def compute_priors(
     *,
     context: Sequence[str] = (),
     config: PriorConfig | None = None,
+    query_label: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> EpisodePriors:
     """VTP, PIR and VVP of one episode, from images, each at its own geometry.
 
@@ -953,17 +1204,26 @@ def compute_priors(
         class_name: The target class's prompt name.
         supports: K support images of the class (may be empty: no VVP).
         support_masks: K (Hs, Ws) labels (1 = target).
-        context: Extra class names for the softmax (see :func:`vtp`).
-        config: Knobs; defaults to :class:`PriorConfig`.
+        context: Extra class names for the softmax (see :func:`vtp`), with ``text_classes="target"``.
+        config: Knobs; defaults to :class:`PriorConfig`. Every field is honoured; with
+            ``text_classes="present"`` (the ``official`` preset) the softmax classes come from
+            ``query_label``, which must then be given.
+        query_label: (H, W) class ids of the query (its ground truth), for ``text_classes="present"``:
+            the classes present in it join the softmax (see :func:`present_names`). Not read otherwise.
+        class_names: Prompt name of class id c at index c - 1 (with ``query_label``); ``class_name``
+            must be among them.
 
     Returns:
         :class:`EpisodePriors` on the query's patch grid; ``.resized()`` maps it to the image.
 
     Raises:
-        InvalidInputError: for mismatched supports and masks, empty masks, or unusable images.
+        InvalidInputError: for mismatched supports and masks, empty masks, unusable images, or
+            ``text_classes="present"`` without ``query_label`` and ``class_names`` (or with ``context``).
 
     Example:
         >>> pri = compute_priors(clip, image, "cat", [support], [mask])  # doctest: +SKIP
+        >>> official = compute_priors(clip, image, "cat", [support], [mask], config=get_preset("official"),
+        ...                           query_label=label, class_names=PASCAL_CLASSES)  # doctest: +SKIP
         >>> pri.resized().refined.shape  # doctest: +SKIP
         torch.Size([375, 500])
     """
@@ -972,6 +1232,8 @@ def compute_priors(
         raise InvalidInputError(f"{len(supports)} support images but {len(support_masks)} support masks")
     patch = clip.patch_size
     rgb = to_rgb_array(query)
+    if config.text_classes == "present":
+        context = _present_context(rgb.shape[:2], class_name, context, query_label, class_names)
     pixels = normalize(resize_to_patch_multiple(rgb, patch, config.vtp_resample), "clip")[None]
     reuse = config.vvp_pixel_norm == "clip"
     out = vtp(clip, pixels, [class_name], context=[list(context)], config=config, return_attention=True,

@@ -132,3 +132,62 @@ def test_preprocess_support_resizes_image_and_label_together():
     assert same.shape == (3, 32, 48) and bool((kept == 1).all())
     with pytest.raises(InvalidInputError, match="does not match its image"):
         preprocess_support(image, label[:, :30], 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config fields checked against the model; output sizes; text_classes="present" in compute_priors
+
+
+@pytest.mark.parametrize(("changes", "field"), [({"pir_layers": 99}, "pir_layers"),
+                                                ({"vvp_layers": (-1, 99)}, "vvp_layers"),
+                                                ({"vvp_layers": (-9,)}, "vvp_layers")])
+def test_layer_fields_are_checked_against_the_model(clip, changes, field):
+    from clipprior import ConfigError, PriorConfig, vvp
+
+    config = PriorConfig(**changes)
+    layers = clip.num_layers
+    pixels = torch.zeros(1, 3, 32, 32)
+    match = rf"PriorConfig\.{field}=.*{layers} vision layers"
+    with pytest.raises(ConfigError, match=match):
+        vtp(clip, pixels, ["cat"], config=config, return_attention=True, return_features=True)
+    if field == "vvp_layers":
+        with pytest.raises(ConfigError, match=match):
+            vvp(clip, pixels, pixels[:, None], torch.ones(1, 1, 32, 32, dtype=torch.long), config=config)
+    else:  # a config whose PIR layers do not matter to the call is not refused
+        vtp(clip, pixels, ["cat"], config=config)
+
+
+@pytest.mark.parametrize("size", [(0, 5), (5, -1), (2.5, 3), (3,), "ab"])
+def test_pir_rejects_a_bad_output_size(size):
+    from clipprior.priors import pir
+
+    cam = torch.rand(1, 2, 2)
+    with pytest.raises(InvalidInputError, match=r"output_size=.* is not a size"):
+        pir(cam, torch.rand(1, 4, 4), output_size=size)
+
+
+def test_compute_priors_honours_text_classes_present(clip):
+    from clipprior import compute_priors, get_preset
+    from clipprior.priors import present_names
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    label = np.zeros((40, 56), np.uint8)
+    label[:20] = 1
+    label[25:, :10] = 3
+    label[30:, 40:] = 255
+    official = get_preset("official")
+    assert present_names(label, 1, NAMES) == ["bird avian"]
+    got = compute_priors(clip, image, "cat", config=official, query_label=label, class_names=NAMES)
+    ref = compute_priors(clip, image, "cat", config=official.replace(text_classes="target"), context=["bird avian"])
+    alone = compute_priors(clip, image, "cat", config=official.replace(text_classes="target"))
+    assert torch.equal(got.cam, ref.cam) and torch.equal(got.refined, ref.refined)
+    assert not torch.equal(got.cam, alone.cam)
+    with pytest.raises(InvalidInputError, match="pass query_label="):
+        compute_priors(clip, image, "cat", config=official)
+    with pytest.raises(InvalidInputError, match="both set the softmax classes"):
+        compute_priors(clip, image, "cat", config=official, context=["dog"], query_label=label, class_names=NAMES)
+    with pytest.raises(InvalidInputError, match="does not match the query image"):
+        compute_priors(clip, image, "cat", config=official, query_label=label[:, :50], class_names=NAMES)
+    with pytest.raises(InvalidInputError, match="not among class_names"):
+        compute_priors(clip, image, "horse", config=official, query_label=label, class_names=NAMES)

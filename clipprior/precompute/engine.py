@@ -17,7 +17,7 @@ from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
 from clipprior.errors import DatasetError, InvalidInputError
 from clipprior.model import ClipBundle
-from clipprior.precompute.load import LoadFaults, fss_mask, load_query_batch, load_support_batch, present_names
+from clipprior.precompute.load import LoadFaults, fss_mask, load_query_batch, load_support_batch
 from clipprior.precompute.passes import query_features, query_pass, support_pass
 from clipprior.precompute.plan import (
     Dataset,
@@ -266,11 +266,10 @@ def recompute_episode(
     """
     class_id = int(episode.class_id)
     query = dataset.load_image(episode.query_image)
-    context: list[str] = []
-    if config.text_classes == "present":
-        context = present_names(dataset.load_label(episode.query_label), class_id, class_names)
+    query_label = dataset.load_label(episode.query_label) if config.text_classes == "present" else None
     supports, masks = [], []
     for image, label in episode.supports:
         supports.append(dataset.load_image(image))
         masks.append(fss_mask(dataset.load_label(label), class_id))
-    return compute_priors(clip, query, class_names[class_id - 1], supports, masks, context=context, config=config)
+    return compute_priors(clip, query, class_names[class_id - 1], supports, masks, config=config,
+                          query_label=query_label, class_names=class_names)

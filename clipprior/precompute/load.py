@@ -19,6 +19,7 @@ from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
 from clipprior.preprocess import normalize, preprocess_support, resize_to_patch_multiple
+from clipprior.priors import present_names
 
 __all__ = ["LoadFaults", "QueryBatch", "SupportBatch", "fss_mask", "load_checked", "load_query_batch",
            "load_support_batch", "present_names"]
@@ -58,12 +59,6 @@ class SupportBatch:
     keys: list[SupportKey]
     pixels: torch.Tensor
     labels: torch.Tensor
-
-
-def present_names(label: np.ndarray, target: int, class_names: Sequence[str]) -> list[str]:
-    """Names of the classes other than ``target`` present in a label map."""
-    values = np.unique(label)
-    return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
 
 
 def fss_mask(raw: np.ndarray, class_id: int) -> np.ndarray:
