@@ -6,6 +6,8 @@ same machine, inputs and load, interleaved: for each repeat, before then after.
 
 - ``pir``: ``pir(cam, attention, output_size=...)`` on P pairs at an (h, w) grid (the box mask
   included); the old one labelled the box mask with SciPy map by map after a host copy.
+- ``box_mask``: the box mask alone (on CPU tensors both use SciPy's labelling);
+  ``box_mask_tensor_path``: the old one against the batched tensor path that accelerators run.
 - ``vvp``: the cosine-max of P (query, support) pairs with the supports' foreground cells, as the
   engine runs it: before, one ``best_match`` per pair in a Python loop; after, one
   ``best_cosine_match`` over the batch. Also ``vvp_from_features`` before/after (the full-grid einsum
@@ -34,7 +36,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from clipprior.priors import SupportCells, best_cosine_match, pir, vvp_from_features
+from clipprior.priors import SupportCells, _box_mask_device, best_cosine_match, box_mask, pir, vvp_from_features
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--output-size", type=int, default=480)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="pir,box_mask,box_mask_tensor_path,cosine_max,vvp_from_features",
+                        help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,21 +102,29 @@ def main() -> None:
     cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
         "pir": (lambda: old_priors.pir(cam, attention, output_size=size),
                 lambda: pir(cam, attention, output_size=size)),
+        "box_mask": (lambda: old_priors.box_mask(cam), lambda: box_mask(cam)),
+        "box_mask_tensor_path": (lambda: old_priors.box_mask(cam), lambda: _box_mask_device(cam, 0.4, False)),
         "cosine_max": (lambda: [old_post.best_match(query[i], qn[i], old_cells[i], 1e-7) for i in range(p)],
                        lambda: best_cosine_match(query, qn, cells)),
         "vvp_from_features": (lambda: old_priors.vvp_from_features(query, support[:, None], mask[:, None], (g, g)),
                               lambda: vvp_from_features(query, support[:, None], mask[:, None], (g, g))),
     }
-    # Same numbers before and after (the benchmark checks what it times).
-    assert torch.equal(cases["pir"][0]().box_mask, cases["pir"][1]().box_mask)
-    torch.testing.assert_close(cases["pir"][0]().refined, cases["pir"][1]().refined, atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.stack(cases["cosine_max"][0]()), cases["cosine_max"][1](), atol=1e-6, rtol=0)
-    torch.testing.assert_close(cases["vvp_from_features"][0](), cases["vvp_from_features"][1](), atol=1e-6, rtol=0)
+    wanted = args.cases.split(",")
+    cases = {k: v for k, v in cases.items() if k in wanted}
+    # Same numbers before and after (the benchmark checks what it times; the outputs double as warm-up).
+    for name, (before, after) in cases.items():
+        old, new = before(), after()
+        if name.startswith("box_mask"):
+            assert torch.equal(old, new)
+        elif name == "pir":
+            assert torch.equal(old.box_mask, new.box_mask)
+            torch.testing.assert_close(old.refined, new.refined, atol=1e-6, rtol=0)
+        else:
+            torch.testing.assert_close(torch.stack(old) if isinstance(old, list) else old, new, atol=1e-6, rtol=0)
 
     load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     results = {}
     for name, (before, after) in cases.items():
-        before(), after()  # warm-up
         times: dict[str, list[float]] = {"before": [], "after": []}
         for _ in range(args.repeats):
             times["before"].append(timed(before))

@@ -338,12 +338,17 @@ def box_mask(cam: torch.Tensor, threshold: float = 0.4, *, return_boxes: bool = 
 
 def _box_mask_host(cam: torch.Tensor, threshold: float, return_boxes: bool
                    ) -> torch.Tensor | tuple[torch.Tensor, list[list[tuple[int, int, int, int]]]]:
-    """:func:`box_mask` with SciPy's labelling, map by map (the fast path for CPU tensors)."""
-    fg = _box_foreground(cam.detach(), threshold).numpy()
-    height, width = fg.shape[1:]
-    masks = np.zeros(fg.shape, dtype=bool)
+    """:func:`box_mask` with numpy and SciPy's labelling, map by map (the fast path for CPU tensors).
+
+    The same foreground as :func:`_box_foreground`, in numpy: small torch operations on the CPU
+    cost more in thread synchronisation than they compute.
+    """
+    u8 = np.clip(cam.detach().float().numpy() * 255, 0, 255).astype(np.uint8)
+    height, width = u8.shape[1:]
+    masks = np.zeros(u8.shape, dtype=bool)
     all_boxes = []
-    for i, grid in enumerate(fg):
+    for i, cells in enumerate(u8):
+        grid = cells > int(threshold * int(cells.max()))
         labels, _ = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
         boxes = []
         for sl in ndimage.find_objects(labels):

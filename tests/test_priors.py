@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from scipy import ndimage
 
-from clipprior import InvalidInputError, get_preset, load_clip
+from clipprior import ConfigError, InvalidInputError, get_preset, load_clip
 from clipprior.config import PriorConfig
 from clipprior.model import ClipBundle
 from clipprior.preprocess import normalize, preprocess_query
@@ -358,9 +358,13 @@ def test_pir_knobs_change_the_result(clip: ClipBundle, text) -> None:
         assert not torch.equal(pir(out.cam, out.attention, config=PriorConfig(**change)).refined_grid, base), change
     mask = torch.ones_like(out.cam, dtype=torch.bool)
     assert torch.equal(pir(out.cam, out.attention, mask=mask).box_mask, mask)
-    many = vtp(clip, pixels, ["cat"], text=text, return_attention=True, config=PriorConfig(pir_layers=99))
+    # The default window (8) is capped at a smaller model's depth; any other value must fit the model
+    # (issue 13: pir_layers=99 used to be accepted silently).
+    capped = vtp(clip, pixels, ["cat"], text=text, return_attention=True, config=PriorConfig())
     every = vtp(clip, pixels, ["cat"], text=text, return_attention=True, config=PriorConfig(pir_layers=LAYERS))
-    torch.testing.assert_close(many.attention, every.attention, atol=0, rtol=0)
+    torch.testing.assert_close(capped.attention, every.attention, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"pir_layers=99 exceeds the model's 4 vision layers"):
+        vtp(clip, pixels, ["cat"], text=text, return_attention=True, config=PriorConfig(pir_layers=99))
     one = vtp(clip, pixels, ["cat"], text=text, return_attention=True, config=PriorConfig(pir_layers=1))
     assert not torch.allclose(one.attention, every.attention)
 
@@ -505,7 +509,8 @@ def test_compute_priors_imagenet_norm_for_vvp(clip: ClipBundle) -> None:
     query = rgb_images(1, 64, 64, seed=17)[0]
     support, mask = rgb_images(1, 64, 64, seed=18)[0], np.zeros((64, 64), np.uint8)
     mask[8:40, 8:40] = 1
-    official = compute_priors(clip, query, "cat", [support], [mask], config=get_preset("official"))
+    official = compute_priors(clip, query, "cat", [support], [mask], config=get_preset("official"),
+                              query_label=np.zeros((64, 64), np.uint8), class_names=["cat"])  # no other class
     expected = vvp(clip, normalize(query, "imagenet")[None], normalize(support, "imagenet")[None, None],
                    torch.from_numpy(mask).long()[None, None])
     torch.testing.assert_close(official.vvp, expected[0], atol=1e-6, rtol=0)

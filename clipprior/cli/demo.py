@@ -99,8 +99,10 @@ def demo_panel(
     notes: list[str] = []
     for i, episode in enumerate(episodes):
         query, support = episode.load()
+        # The photo's mask labels its one class: with text_classes="present" nothing else joins the softmax.
         priors = compute_priors(
-            bundle, query.image, query.class_name, [support.image], [support.mask.astype(np.uint8)], config=config
+            bundle, query.image, query.class_name, [support.image], [support.mask.astype(np.uint8)], config=config,
+            query_label=query.mask.astype(np.uint8), class_names=[query.class_name],
         )
         maps = {
             "VVP": None if priors.vvp is None else vvp_map(priors.vvp),
