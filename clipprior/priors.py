@@ -311,8 +311,8 @@ def box_mask(cam: torch.Tensor, threshold: float = 0.4, *, return_boxes: bool = 
     Where it runs: on an accelerator (CUDA, ...) the whole batch stays on the device
     (:func:`connected_components` by label propagation, then every box painted at once with a 2-D
     difference array): no per-map loop, no host copy. On the CPU the CAM already is in host memory
-    and SciPy's sequential labelling is 30-100x faster than tensor label propagation (measured, see
-    benchmarks/NOTES.md), so the maps are labelled there one by one. The two paths give identical
+    and SciPy's sequential labelling is 30x or more faster than tensor label propagation (measured,
+    see benchmarks/NOTES.md), so the maps are labelled there one by one. The two paths give identical
     masks (tested on random and adversarial maps).
 
     Args:
