@@ -1159,7 +1159,7 @@ def present_names(label: np.ndarray | torch.Tensor, target: int, class_names: Se
         >>> present_names(np.array([[0, 1], [3, 255]]), 1, ["cat", "dog", "bird"])
         ['bird']
     """
-    values = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label).unique().tolist()
+    values = label.unique().tolist() if isinstance(label, torch.Tensor) else np.unique(np.asarray(label)).tolist()
     return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
 
 
