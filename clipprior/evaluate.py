@@ -377,7 +377,7 @@ class PriorMeter:
         self.fixed_threshold = float(fixed_threshold)
         self.thresholds = _check_thresholds((*thresholds, self.fixed_threshold))
         self.ap_bins = int(ap_bins)
-        grid = np.linspace(0.0, 1.0, self.ap_bins + 1)
+        grid = np.arange(self.ap_bins + 1) / self.ap_bins  # k / bins exactly (linspace rounds some edges up)
         # Bin j holds the values v with edges[j-1] <= v < edges[j] (bin 0: v < edges[0]; last: v >= edges[-1]).
         self._edges = np.unique(np.concatenate([grid, np.asarray(self.thresholds, dtype=np.float64)]))
         self._threshold_pos = np.searchsorted(self._edges, self.thresholds)  # index of each threshold in edges
