@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from clipprior.config import PriorConfig
@@ -93,8 +92,3 @@ def episode_vvp(episode: Any, query_features: dict[str, QueryFeatures], store: S
         maps.append(minmax_normalize(best, config.vvp_eps) if config.vvp_normalize else best)
     stacked = torch.stack(maps, dim=1)  # (L, K, h, w): layer-major, shots inner
     return stacked.reshape(-1, *grid)
-
-
-def to_host(values: torch.Tensor) -> np.ndarray:
-    """A float tensor -> a float32 numpy array on the host."""
-    return values.detach().cpu().numpy().astype(np.float32)
