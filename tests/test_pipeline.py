@@ -179,8 +179,8 @@ def test_workers_do_not_change_the_cache(tmp_path, clip, dataset, episodes):
 
 
 def test_slow_loads_and_writes_overlap(tmp_path, clip, dataset, episodes):
-    """Loads and writes slowed by sleeps: the run takes less than the sum of the sleeps plus a serial run."""
-    delay = 0.02
+    """Loads and writes slowed by sleeps: the run grows by much less than the sum of the sleeps."""
+    delay = 0.1
     slow = _Flaky(dataset, "never", RuntimeError(), delay=delay)
 
     class SlowWriter(CacheWriter):
@@ -198,11 +198,11 @@ def test_slow_loads_and_writes_overlap(tmp_path, clip, dataset, episodes):
         return time.perf_counter() - start
 
     timed(dataset, CacheWriter, tmp_path / "warm.h5", 2)
-    plain = timed(dataset, CacheWriter, tmp_path / "plain.h5", 0)
+    plain = min(timed(dataset, CacheWriter, tmp_path / f"plain{r}.h5", 0) for r in range(2))
     slowed = timed(slow, SlowWriter, tmp_path / "slow.h5", 4)
     injected = slow.loads * delay + sum(len(q.classes) for q in _queries(episodes)) * delay
-    assert slowed < plain + 0.8 * injected, (slowed, plain, injected)
-    _assert_same(tmp_path / "plain.h5", tmp_path / "slow.h5")
+    assert slowed - plain < 0.75 * injected, (slowed, plain, injected)  # serial, it would grow by all of it
+    _assert_same(tmp_path / "plain0.h5", tmp_path / "slow.h5")
 
 
 def _queries(episodes):

@@ -31,7 +31,7 @@ def query_pass(clip: ClipBundle, batch: QueryBatch, text: TextFeatures, config: 
     The result carries the PIR attention of each pair and, when VVP uses CLIP's own normalisation,
     the VVP layer features of each image (L, n, D) from the same pass.
     """
-    pixels = batch.pixels.to(clip.device, clip.dtype)
+    pixels = batch.pixels.to(clip.device, clip.dtype, non_blocking=True)  # page-locked on CUDA: no wait
     index = torch.tensor([b for b, _ in batch.pairs], dtype=torch.long)
     return _vtp_pass(clip, pixels, index, batch.class_sets, text, config, True, config.vvp_pixel_norm == "clip")
 
