@@ -145,6 +145,8 @@ def render_tables(results: list[dict[str, Any]]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for result in results:
+        if result.get("benchmark", "bench_precompute") != "bench_precompute":
+            continue  # bench_pipeline's records: reported in their own section of README.md
         m = result["machine"]
         s = result["settings"]
         machine = f"{m['cpu']}, {m['logical_cores']} cores, {m['torch_threads']} threads"

@@ -14,6 +14,7 @@ Everything is seeded: the same lists and seed give the same files on any machine
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from scipy import ndimage
 from clipprior.data import MIN_PIXELS, num_classes, read_fss_lists
 from clipprior.data.specs import get_dataset
 
-__all__ = ["VOC_SIZES", "write_synthetic_fold"]
+__all__ = ["COCO_SIZES", "VOC_SIZES", "coco_size", "write_synthetic_fold", "write_synthetic_images"]
 
 VOC_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
     ((375, 500), 0.45),
@@ -131,3 +132,58 @@ def write_synthetic_fold(root: str | Path, list_root: str | Path, fold: int = 0,
         Image.fromarray(_pixels(mask, rng)).save(root / image_id, quality=90)
         Image.fromarray(mask).save(root / label_id)
     return {"images": len(listed), "portrait": portrait}
+
+
+COCO_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
+    ((480, 640), 0.40),
+    ((640, 480), 0.12),
+    ((427, 640), 0.10),
+    ((640, 427), 0.05),
+    ((426, 640), 0.04),
+    ((424, 640), 0.03),
+    ((640, 640), 0.02),
+    ((360, 640), 0.02),
+    ((612, 612), 0.01),
+)
+"""(H, W) of COCO's most frequent image sizes and their approximate shares of train2014/val2014.
+
+The remaining ~21% (:data:`COCO_OTHER_SHARE`) are drawn as COCO's long tail: a long side of 640
+(most) or 500, the short side uniform in 240..640, landscape three times out of four.
+"""
+
+COCO_OTHER_SHARE = 0.21
+
+
+def coco_size(rng: np.random.Generator) -> tuple[int, int]:
+    """One image size drawn from COCO's mix of sizes (:data:`COCO_SIZES` and the long tail)."""
+    if rng.uniform() < COCO_OTHER_SHARE:
+        long = 640 if rng.uniform() < 0.85 else 500
+        short = int(rng.integers(240, long + 1))
+        return (short, long) if rng.uniform() < 0.75 else (long, short)
+    weights = np.array([w for _, w in COCO_SIZES])
+    return COCO_SIZES[int(rng.choice(len(COCO_SIZES), p=weights / weights.sum()))][0]
+
+
+def write_synthetic_images(root: str | Path, pairs: dict[tuple[str, str], list[int]], others: list[int],
+                           size_of: Callable[[np.random.Generator], tuple[int, int]], seed: int = 0,
+                           scale: float = 1.0) -> dict[str, int]:
+    """Write a synthetic JPEG and PNG mask for each (image, label) pair showing its listed classes.
+
+    Returns:
+        Counts: ``images`` written, how many are ``portrait``, and ``sizes`` (distinct sizes).
+    """
+    root = Path(root)
+    portrait, sizes = 0, set()
+    for (image_id, label_id), classes in pairs.items():
+        rng = _rng(seed, image_id)
+        height, width = size_of(rng)
+        size = (round(height * scale), round(width * scale))
+        portrait += size[0] > size[1]
+        sizes.add(size)
+        extra = [int(rng.choice(others))] if others and rng.uniform() < 1 / 3 else []
+        mask = _mask(sorted(classes) + extra, size, rng)
+        (root / image_id).parent.mkdir(parents=True, exist_ok=True)
+        (root / label_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_pixels(mask, rng)).save(root / image_id, quality=90)
+        Image.fromarray(mask).save(root / label_id)
+    return {"images": len(pairs), "portrait": portrait, "sizes": len(sizes)}

@@ -23,7 +23,28 @@ from clipprior.cli._common import (
 )
 from clipprior.errors import InvalidInputError
 
-__all__ = ["parse_shard", "precompute"]
+__all__ = ["parse_batch_size", "parse_shard", "precompute"]
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``"auto"`` stays ``"auto"``; ``"8"`` -> ``8``.
+
+    Raises:
+        InvalidInputError: for anything else, or a number below 1.
+
+    Example:
+        >>> parse_batch_size("auto"), parse_batch_size("8")
+        ('auto', 8)
+    """
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInputError(f"--batch-size {text!r} is not a whole number or 'auto'") from None
+    if value < 1:
+        raise InvalidInputError(f"--batch-size {value}: need at least 1 (or 'auto')")
+    return value
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -75,7 +96,10 @@ def _torchrun_device(device: str) -> str:
 @model_option()
 @device_option()
 @dtype_option()
-@click.option("--batch-size", type=click.IntRange(1, None), default=8, show_default=True, help="Images per CLIP batch.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+              help="Images per CLIP batch; auto: per image size from the device's memory (halved if it runs out).")
+@click.option("--workers", type=click.IntRange(0, None), default=None,
+              help="Load worker threads (decode/resize ahead of the device; 0: none) [default: half the cores, 1-8].")
 @click.option("--text-classes", type=click.Choice(["target", "present"]), default=None,
               help="Softmax class set: target alone (no labels needed) or every class in the query's ground "
                    "truth (the official code; uses labels) [default: from the preset].")
@@ -102,9 +126,9 @@ def _torchrun_device(device: str) -> str:
 @debug_option
 @handle_errors
 def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, n_episodes: int | None, seed: int,
-               model: str, device: str, dtype: str, batch_size: int, text_classes: str | None, preset: str,
-               list_root: Path | None, base_list: Path | None, episode_file: Path | None, coco_split: str,
-               on_error: str, shard: str | None,
+               model: str, device: str, dtype: str, batch_size: str, workers: int | None, text_classes: str | None,
+               preset: str, list_root: Path | None, base_list: Path | None, episode_file: Path | None,
+               coco_split: str, on_error: str, shard: str | None,
                chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
     r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
@@ -123,6 +147,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
     from clipprior.precompute import build_provenance, episode_records, run_precompute
 
+    batch = parse_batch_size(batch_size)
     config = get_preset(preset)
     if text_classes is not None:
         config = config.replace(text_classes=text_classes)
@@ -167,9 +192,10 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                 "episode": bar.add_task("episodes", total=n_eps),
             }
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
-                                   batch_size=batch_size, shard=shard_spec, chunk_images=chunk_images,
+                                   batch_size=batch, workers=workers, shard=shard_spec, chunk_images=chunk_images,
                                    chunk_episodes=chunk_episodes, on_error=on_error,
-                                   progress=lambda kind, n: bar.advance(tasks[kind], n))
+                                   progress=lambda kind, n: bar.advance(tasks[kind], n),
+                                   log=lambda line: console.print(f"[yellow]{line}[/]"))
         path = writer.finalize()
     if stats.problems:
         console.print(f"[yellow]dropped {len(stats.dropped)} episode(s) that need a broken file[/] "

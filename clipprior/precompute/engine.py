@@ -1,45 +1,60 @@
-"""The engine: plan -> load -> passes -> post -> write, chunk by chunk.
+"""The engine: plan -> load -> passes -> post -> write, as concurrent stages.
 
 :func:`run_precompute` is the one public entry point; each stage lives in its own module
 (:mod:`~clipprior.precompute.plan`, :mod:`~clipprior.precompute.load`,
 :mod:`~clipprior.precompute.passes`, :mod:`~clipprior.precompute.post`,
-:mod:`~clipprior.precompute.write`).
+:mod:`~clipprior.precompute.write`). The device thread (the caller's) runs the passes and the
+post-processing; load workers run ahead of it and a writer thread behind it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
+import torch
 
 from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
 from clipprior.errors import DatasetError, InvalidInputError
 from clipprior.model import ClipBundle
-from clipprior.precompute.load import LoadFaults, fss_mask, load_query_batch, load_support_batch
-from clipprior.precompute.passes import query_features, query_pass, support_pass
+from clipprior.precompute.load import (
+    Loader,
+    LoadFaults,
+    LoadJob,
+    QueryBatch,
+    SupportBatch,
+    default_workers,
+    fss_mask,
+    query_job,
+    support_job,
+)
+from clipprior.precompute.passes import auto_batch_size, is_out_of_memory, query_features, query_pass, support_pass
 from clipprior.precompute.plan import (
+    BatchSize,
+    ChunkSchedule,
     Dataset,
     PrecomputeStats,
-    QueryWork,
+    Schedule,
     SupportKey,
+    WorkPlan,
     Writer,
     episode_records,
-    plan_chunks,
+    plan_schedule,
     plan_work,
     resized_size,
-    size_batches,
-    support_homes,
 )
 from clipprior.precompute.post import QueryFeatures, SupportStore, episode_vvp, refine
 from clipprior.precompute.provenance import check_recorded_settings
-from clipprior.precompute.write import write_vtp
+from clipprior.precompute.write import WriteThread, to_host, write_vtp, write_vvp
 from clipprior.priors import EpisodePriors, SupportCells, TextFeatures, compute_priors, encode_text
 
 __all__ = ["ProgressFn", "recompute_episode", "run_precompute"]
 
 ProgressFn = Callable[[str, int], None]
+_logger = logging.getLogger("clipprior.precompute")
 
 
 def run_precompute(
@@ -50,37 +65,47 @@ def run_precompute(
     *,
     class_names: Sequence[str],
     config: PriorConfig | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     shard: tuple[int, int] | None = None,
     chunk_images: int = 64,
     chunk_episodes: int = 256,
     progress: ProgressFn | None = None,
     text: TextFeatures | None = None,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
     on_error: str = "raise",
 ) -> PrecomputeStats:
     """Compute and write every VTP (raw and refined) and VVP the episodes need.
 
-    The plan fixes every batch: query images are cut into chunks in first-appearance order (see
-    :func:`~clipprior.precompute.plan_chunks`), and within a chunk, images of equal (resized) size
-    run in batches of ``batch_size``; each (support, class) belongs to the chunk of its first use
-    and runs in that chunk's support batches. A rerun skips the chunks whose entries are all cached
-    and recomputes the others batch by batch, exactly as an uninterrupted run would, writing only
-    what is missing: a resumed cache is bit-for-bit the cache of an uninterrupted run.
+    The stages run concurrently: worker threads load (decode, resize) the coming batches while
+    the model's device runs the current one, and a writer thread takes the finished priors off the
+    device and into ``writer``. The plan fixes every batch before the run starts (see
+    :func:`~clipprior.precompute.plan.plan_schedule`): query images ordered by resized size and cut
+    into chunks, batches of equal size within a chunk, each (support, class) in the support batches
+    of the chunk of its first use. A rerun skips what is cached and recomputes the planned batches
+    that hold missing work whole, exactly as an uninterrupted run would, writing only what is
+    missing: a resumed cache is bit-for-bit the cache of an uninterrupted run.
 
     Args:
-        clip: The loaded CLIP.
+        clip: The loaded CLIP (its device and dtype are the run's).
         dataset: Loads images and labels by id.
         episodes: The episodes (see :func:`clipprior.data.sample_episodes`).
         writer: Where the priors go (a :class:`clipprior.cache.CacheWriter`).
         class_names: Prompt name of class id c at index c - 1.
         config: Knobs; defaults to :class:`PriorConfig`.
-        batch_size: Images per CLIP batch.
+        batch_size: Images per CLIP batch, or ``"auto"``: chosen per image size from the device
+            (:func:`~clipprior.precompute.passes.auto_batch_size`); at ``"auto"``, a batch that
+            runs out of device memory is halved (and the limit kept for the rest of the run).
         shard: ``(index, count)`` to compute one shard of the query images.
         chunk_images: Most query images per chunk (bounds memory; the unit of resumption).
         chunk_episodes: A chunk is closed once its images hold this many episodes, so that its
             VVP work and buffers stay bounded when there are many episodes per image.
         progress: Called as ``progress(kind, n)`` with kind ``"query"``, ``"support"`` or ``"episode"``.
         text: Precomputed text features of ``class_names`` (encoded here when ``None``).
+        workers: Load worker threads (default :func:`~clipprior.precompute.load.default_workers`;
+            0 loads in this thread).
+        log: Called with a line for events worth telling (a halved batch); default: a warning on
+            the ``clipprior.precompute`` logger.
         on_error: ``"raise"`` at the first broken image or mask, naming it, the episodes that need it
             and the fix; or ``"skip"``: every episode that needs a broken file is dropped (listed in
             ``stats.dropped``, the files in ``stats.problems``) and everything else computed. The
@@ -91,9 +116,9 @@ def run_precompute(
         :class:`~clipprior.precompute.PrecomputeStats`.
 
     Raises:
-        InvalidInputError: for a batch size below 1, a class id without a name, or a writer whose
-            provenance records another dtype, device, batch or chunk size (see
-            :func:`~clipprior.precompute.provenance.build_provenance`).
+        InvalidInputError: for a batch size below 1, a class id without a name, a batch out of
+            device memory at a fixed batch size, or a writer whose provenance records another dtype,
+            device, batch or chunk size (see :func:`~clipprior.precompute.provenance.build_provenance`).
         DatasetError: for a broken image or mask (``on_error="raise"``): unreadable, a mask of
             another size than its image, an image smaller than a patch, a support mask without its
             class; the message names the file, the episodes that need it and the fix.
@@ -104,7 +129,10 @@ def run_precompute(
         364
     """
     config = config or PriorConfig()
-    if min(batch_size, chunk_images, chunk_episodes) < 1:
+    auto = batch_size == "auto"
+    if not auto and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)):
+        raise InvalidInputError(f"batch_size={batch_size!r} must be a whole number or 'auto'")
+    if min(1 if auto else int(batch_size), chunk_images, chunk_episodes) < 1:
         raise InvalidInputError(f"batch_size={batch_size}, chunk_images={chunk_images} and "
                                 f"chunk_episodes={chunk_episodes} must all be >= 1")
     class_names = list(class_names)
@@ -114,45 +142,155 @@ def run_precompute(
     check_recorded_settings(writer, clip, batch_size=batch_size, chunk_images=chunk_images,
                             chunk_episodes=chunk_episodes)
     text = text or encode_text(clip, class_names, config)
+    report = progress or (lambda kind, n: None)
+    say = log or _logger.warning
+    patch = clip.patch_size
     plan = plan_work(episodes, shard)
     faults = LoadFaults(on_error, episodes, dataset, only=[i for q in plan.queries for i in q.episodes])
     records = episode_records(episodes)
-    chunks = plan_chunks(plan.queries, chunk_images, chunk_episodes)
-    home_keys, home = support_homes(episodes, chunks)
-    todo = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
-    store = SupportStore(plan_work(todo).support_uses)
     stats = PrecomputeStats()
-    report = progress or (lambda kind, n: None)
-    for chunk in chunks:
-        chunk_eps = [i for q in chunk for i in q.episodes]
-        todo_eps = [i for i in chunk_eps if not writer.has_vvp(i)]
-        needs_features = {episodes[i].query_image for i in todo_eps}
-        missing_vtp = any(not writer.has_vtp(q.image, k) for q in chunk for k in q.classes)
-        if todo_eps or missing_vtp:
-            features = _run_queries(clip, dataset, chunk, needs_features, writer, text, class_names, config,
-                                    batch_size, stats, report, faults)
-            needed = [(image, label, int(episodes[i].class_id)) for i in todo_eps if i not in faults.dropped
-                      for image, label in episodes[i].supports]
-            for h in sorted({home[k] for k in needed if k not in store.features}):
-                _run_supports(clip, dataset, home_keys[h], store, config, batch_size, stats, report, faults)
-            done = [i for i in todo_eps if i not in faults.dropped]
-            for i in sorted(set(todo_eps) - set(done)):
-                _release(store, episodes[i])
-            writer.set_episodes([records[i] for i in done])  # dropped episodes stay out of the table
-            for i in done:
-                vvp = episode_vvp(episodes[i], features, store, config)
-                writer.add_vvp(i, vvp.cpu().numpy().astype(np.float32))
-                stats.vvp_written += 1
-            writer.commit()
-            del features
-            release_freed_memory()  # keep the resident set flat across chunks (see clipprior/_memory.py)
-        else:
-            report("query", len(chunk))
-        stats.skipped_vvp += len(chunk_eps) - len(todo_eps)
-        report("episode", len(chunk_eps))
+    with Loader(default_workers() if workers is None else workers) as loader:
+        plan, sizes = _plan_sizes(loader, dataset, plan, patch, faults, report)
+        fixed = None if auto else int(batch_size)
+        per_size: BatchSize = (lambda size: auto_batch_size(clip, size)) if fixed is None else (lambda size: fixed)
+        schedule = plan_schedule(episodes, plan, sizes, per_size, _Pending(writer, faults.dropped),
+                                 chunk_images=chunk_images, chunk_episodes=chunk_episodes)
+        store = SupportStore(schedule.support_uses)
+        pin = clip.device.type == "cuda"
+        stream = loader.stream(_load_jobs(schedule, dataset, patch, config, class_names, pin, faults))
+        limit = _BatchLimit(fixed, say)
+        with WriteThread() as out:
+            for step in schedule.chunks:
+                if step.runs:
+                    _run_chunk(clip, episodes, step, stream, store, limit, out, writer, text, config, stats, report,
+                               faults, records)
+                    release_freed_memory()  # keep the resident set flat across chunks (see clipprior/_memory.py)
+                if step.skipped_images:
+                    report("query", step.skipped_images)
+                stats.skipped_vvp += sum(1 for i in step.episodes if writer.has_vvp(i))
+                report("episode", len(step.episodes))
     stats.dropped = sorted(faults.dropped)
     stats.problems = faults.report
     return stats
+
+
+_BROKEN_SIZE = (0, 0)  # planned size of a support image whose header cannot be read: never run (see _Pending)
+
+
+def _plan_sizes(loader: Loader, dataset: Dataset, plan: WorkPlan, patch: int, faults: LoadFaults,
+                report: ProgressFn) -> tuple[WorkPlan, dict[str, tuple[int, int]]]:
+    """The resized size of every query and support image, read by the workers from the headers.
+
+    An image whose size cannot be read goes to ``faults`` (raised under ``on_error="raise"``, in
+    plan order): a broken query leaves the plan (its episodes are dropped and counted as done for
+    the progress), a broken support's episodes are dropped, so none of its batches runs.
+    """
+
+    def size(path: str) -> tuple[int, int] | DatasetError:
+        try:
+            return resized_size(dataset, path, patch)
+        except DatasetError as err:
+            return err
+
+    images = list(dict.fromkeys([q.image for q in plan.queries] + [k[0] for k in plan.support_uses]))
+    sizes = dict(zip(images, loader.map(size, images), strict=True))
+    queries = []
+    for work in plan.queries:
+        found = sizes[work.image]
+        if isinstance(found, DatasetError):
+            faults.query(work, found)
+            report("query", 1)
+            report("episode", len(work.episodes))
+        else:
+            queries.append(work)
+    for key in plan.support_uses:
+        found = sizes[key[0]]
+        if isinstance(found, DatasetError):
+            faults.support(key, found)
+    clean = {path: _BROKEN_SIZE if isinstance(found, DatasetError) else found for path, found in sizes.items()}
+    return WorkPlan(queries=queries, support_uses=plan.support_uses), clean
+
+
+class _Pending:
+    """The writer as the schedule sees it: a dropped episode counts as done, so nothing is planned for it."""
+
+    def __init__(self, writer: Writer, dropped: set[int]) -> None:
+        self.writer = writer
+        self.dropped = dropped
+
+    def has_vvp(self, index: int) -> bool:
+        return index in self.dropped or self.writer.has_vvp(index)
+
+    def has_vtp(self, image: str, class_id: int) -> bool:
+        return self.writer.has_vtp(image, class_id)
+
+
+def _load_jobs(schedule: Schedule, dataset: Dataset, patch: int, config: PriorConfig, class_names: Sequence[str],
+               pin: bool, faults: LoadFaults) -> Iterator[LoadJob[Any, Any]]:
+    """The loads of every batch the run computes, in the order the device runs them."""
+    for step in schedule.chunks:
+        if not step.runs:
+            continue
+        for batch in step.query_batches:
+            yield query_job(dataset, batch, patch, config, class_names, pin, faults)
+        for keys, _ in step.support_batches:
+            yield support_job(dataset, keys, patch, config, pin, faults)
+
+
+def _run_chunk(
+    clip: ClipBundle, episodes: Sequence[Any], step: ChunkSchedule, stream: Iterator[Any], store: SupportStore,
+    limit: _BatchLimit, out: WriteThread, writer: Writer, text: TextFeatures, config: PriorConfig,
+    stats: PrecomputeStats, report: ProgressFn, faults: LoadFaults, records: list[Any],
+) -> None:
+    """One chunk on the device: its query batches, its support batches, its episodes' VVP, a commit.
+
+    Every planned batch runs whole (with every class of each of its images), so its numbers do not
+    depend on what an interrupted run had already written; the writes say what is missing. A
+    broken file met while loading leaves its batch (see :func:`~clipprior.precompute.load.query_job`);
+    the episodes it drops get no VVP, give back their support uses and stay out of the episode
+    table: only the chunk's completed episodes are registered (``writer.set_episodes``).
+    """
+    features: dict[str, QueryFeatures] = {}
+
+    def query_part(part: QueryBatch) -> None:
+        result = query_pass(clip, part, text, config)
+        refined = refine(result.cam, result.attention, config)
+        grid = (int(result.cam.shape[-2]), int(result.cam.shape[-1]))
+        kept = {}
+        for b, work in enumerate(part.works):
+            if work.image in step.needs_features:
+                feats = query_features(clip, part, result, b, config).float()
+                kept[work.image] = (feats, feats.norm(dim=-1), grid)
+        cam, ref = to_host(result.cam), to_host(refined)
+        stats.query_passes += len(part)
+        features.update(kept)
+        out.submit(functools.partial(write_vtp, writer, part.works, part.sizes, part.pairs, cam, ref, stats))
+
+    def support_part(part: SupportBatch, wanted: set[SupportKey]) -> None:
+        feats, masks = support_pass(clip, part, config)
+        cells = {key: SupportCells.from_grid(feats[j:j + 1], masks[j:j + 1])
+                 for j, key in enumerate(part.keys) if key in wanted}
+        stats.support_passes += len(part)
+        store.features.update(cells)
+
+    for batch in step.query_batches:
+        loaded = next(stream)
+        if loaded is not None:  # None: every image of the batch was broken (and dropped)
+            limit.run(loaded, query_part)
+        report("query", len(batch))
+    for keys, wanted in step.support_batches:
+        loaded = next(stream)
+        if loaded is not None:
+            limit.run(loaded, functools.partial(support_part, wanted=wanted))
+        report("support", len(keys))
+    done = [i for i in step.todo if i not in faults.dropped]
+    for i in sorted(set(step.todo) - set(done)):
+        _release(store, episodes[i])
+    maps = [to_host(episode_vvp(episodes[i], features, store, config)) for i in done]
+    out.submit(functools.partial(writer.set_episodes, [records[i] for i in done]))  # dropped ones stay out
+    out.submit(functools.partial(write_vvp, writer, done, maps))
+    out.submit(writer.commit)
+    stats.vvp_written += len(done)
 
 
 def _release(store: SupportStore, episode: Any) -> None:
@@ -165,86 +303,44 @@ def _release(store: SupportStore, episode: Any) -> None:
             store.remaining[key] -= 1
 
 
-def _run_queries(
-    clip: ClipBundle, dataset: Dataset, chunk: list[QueryWork], needs_features: set[str], writer: Writer,
-    text: TextFeatures, class_names: Sequence[str], config: PriorConfig, batch_size: int, stats: PrecomputeStats,
-    report: ProgressFn, faults: LoadFaults,
-) -> dict[str, QueryFeatures]:
-    """Run the planned query batches of a chunk that hold missing work; write the missing VTP.
+class _BatchLimit:
+    """The most images a pass may take; at ``--batch-size auto``, halved when the device runs out of memory.
 
-    Every batch runs whole, with every class of each of its images, so its numbers do not depend on
-    what an interrupted run had already written. The batches are planned on the resized sizes and
-    the images prepared batch by batch (holding a whole chunk's float pixels would cost ~190 MB at
-    VOC sizes).
-
-    Returns:
-        The VVP features (L, n, D), their norms (L, n) and the grid of each image in ``needs_features``.
+    A planned batch larger than the limit runs as consecutive parts; nothing of a part that failed
+    was kept or written, so no finished work is lost and no entry is written twice.
     """
-    patch = clip.patch_size
-    sizes: dict[str, tuple[int, int]] = {}
-    for work in chunk:
+
+    def __init__(self, fixed: int | None, say: Callable[[str], None]) -> None:
+        self.fixed = fixed
+        self.size: int | None = None
+        self.say = say
+
+    def run(self, batch: Any, fn: Callable[[Any], None]) -> None:
+        for part in batch.split(self.size) if self.size else [batch]:
+            self._run_part(part, fn)
+
+    def _run_part(self, part: Any, fn: Callable[[Any], None]) -> None:
         try:
-            sizes[work.image] = resized_size(dataset, work.image, patch)
-        except DatasetError as err:
-            faults.query(work, err)
-            report("query", 1)
-    chunk = [work for work in chunk if work.image in sizes]
-    features: dict[str, QueryFeatures] = {}
-    for batch in size_batches(chunk, lambda q: sizes[q.image], batch_size):
-        missing = [(q, c) for q in batch for c in sorted(q.classes) if not writer.has_vtp(q.image, c)]
-        if not missing and not any(q.image in needs_features for q in batch):
-            report("query", len(batch))
-            continue
-        loaded = load_query_batch(dataset, batch, patch, config, class_names, faults)
-        if loaded is None:
-            report("query", len(batch))
-            continue
-        out = query_pass(clip, loaded, text, config)
-        stats.query_passes += len(loaded.works)
-        refined = refine(out.cam, out.attention, config)
-        write_vtp(writer, loaded.works, loaded.sizes, loaded.pairs, out.cam, refined, stats)
-        grid = (int(out.cam.shape[-2]), int(out.cam.shape[-1]))
-        for b, work in enumerate(loaded.works):
-            if work.image in needs_features:
-                feats = query_features(clip, loaded, out, b, config).float().cpu()
-                features[work.image] = (feats, feats.norm(dim=-1), grid)
-        report("query", len(batch))
-    return features
-
-
-def _run_supports(
-    clip: ClipBundle, dataset: Dataset, keys: Sequence[SupportKey], store: SupportStore,
-    config: PriorConfig, batch_size: int, stats: PrecomputeStats, report: ProgressFn, faults: LoadFaults,
-) -> None:
-    """Run the planned support batches of one chunk (its first-use keys) that a pending episode needs.
-
-    Batches run whole, so a resumed run computes each support with the same batch partners as an
-    uninterrupted one; features no pending episode needs are dropped at once. The batches are
-    planned on the images' resized sizes and their pixels prepared batch by batch: holding every
-    prepared support of a chunk would grow with the episodes (PASCAL 5-shot: 365 x 4 MB).
-    """
-    patch = clip.patch_size
-    sizes: dict[SupportKey, tuple[int, int]] = {}
-    for key in keys:
-        try:
-            sizes[key] = resized_size(dataset, key[0], patch)
-        except DatasetError as err:
-            faults.support(key, err)
-    keys = [key for key in keys if key in sizes]
-    for batch in size_batches(keys, sizes.__getitem__, batch_size):
-        wanted = [k for k in batch if store.remaining.get(k, 0) > 0 and k not in store.features]
-        if not wanted:
-            continue
-        loaded = load_support_batch(dataset, batch, patch, config, faults)
-        if loaded is None:
-            continue
-        feats, masks = support_pass(clip, loaded, config)
-        for j, key in enumerate(loaded.keys):
-            if key in wanted:
-                store.features[key] = SupportCells.from_grid(feats[j:j + 1].cpu(), masks[j:j + 1].cpu())
-        stats.support_passes += len(loaded.keys)
-        del loaded
-        report("support", len(batch))
+            fn(part)
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self.fixed is not None:
+                raise InvalidInputError(f"the device ran out of memory on a batch of {len(part)} images at "
+                                        f"--batch-size {self.fixed}; use a smaller --batch-size or --batch-size auto"
+                                        ) from exc
+            if len(part) == 1:
+                raise InvalidInputError("the device ran out of memory on a single image; free device memory, "
+                                        "or use a lower precision (--dtype) or a smaller model") from exc
+        half = max(1, len(part) // 2)  # out of the except block: the error's frames (and tensors) are gone
+        self.size = half if self.size is None else min(self.size, half)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.say(f"out of device memory on a batch of {len(part)} images: halved to {half} "
+                 "for the rest of the run (finished work is kept)")
+        for sub in part.split(half):
+            self._run_part(sub, fn)
 
 
 def recompute_episode(

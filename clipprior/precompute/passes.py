@@ -15,7 +15,14 @@ from clipprior.precompute.load import QueryBatch, SupportBatch
 from clipprior.preprocess import normalize
 from clipprior.priors import TextFeatures, VTPResult, layer_features, support_features, vtp_pass
 
-__all__ = ["query_features", "query_pass", "support_pass"]
+__all__ = [
+    "auto_batch_size",
+    "is_out_of_memory",
+    "query_bytes_per_image",
+    "query_features",
+    "query_pass",
+    "support_pass",
+]
 
 
 def query_pass(clip: ClipBundle, batch: QueryBatch, text: TextFeatures, config: PriorConfig) -> VTPResult:
@@ -24,7 +31,7 @@ def query_pass(clip: ClipBundle, batch: QueryBatch, text: TextFeatures, config: 
     The result carries the PIR attention of each pair and, when VVP uses CLIP's own normalisation,
     the VVP layer features of each image (L, n, D) from the same pass.
     """
-    pixels = batch.pixels.to(clip.device, clip.dtype)
+    pixels = batch.pixels.to(clip.device, clip.dtype, non_blocking=True)  # page-locked on CUDA: no wait
     index = torch.tensor([b for b, _ in batch.pairs], dtype=torch.long)
     return vtp_pass(clip, pixels, index, batch.class_sets, text, config, return_attention=True,
                     return_features=config.vvp_pixel_norm == "clip")
@@ -46,3 +53,56 @@ def query_features(clip: ClipBundle, batch: QueryBatch, out: VTPResult, b: int, 
 def support_pass(clip: ClipBundle, batch: SupportBatch, config: PriorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked support pass: (B, 3, H, W), (B, H, W) -> features (B, L, m, D) and grid masks (B, m)."""
     return support_features(clip, batch.pixels, batch.labels, config, foreground_only=True)
+
+
+def _tokens(clip: ClipBundle, size: tuple[int, int]) -> int:
+    patch = clip.patch_size
+    return (size[0] // patch) * (size[1] // patch) + 1
+
+
+# Host CPUs: a batch beyond ~1k tokens leaves the caches and is slower per image (ViT-B/16 at
+# 384x512, 768 tokens: 1.11 s/image at batch 1, 1.24 s at batch 8; benchmarks/NOTES.md section D).
+CPU_TOKENS_PER_BATCH = 1024
+# CUDA: the share of the device's total memory a query batch may plan on, and the most images.
+CUDA_MEMORY_SHARE = 0.4
+MAX_AUTO_BATCH = 256
+
+
+def query_bytes_per_image(clip: ClipBundle, size: tuple[int, int]) -> int:
+    """Estimated peak device bytes one image adds to a query pass at resized ``size``.
+
+    The attention PIR keeps (one T x T map per image, float32) and the layer's transient scores
+    (heads x T x T), plus the activations of the last layer run with gradients and the kept VVP
+    features (a few dozen T x D tensors). Deliberately generous: an out-of-memory error at
+    ``--batch-size auto`` halves the batch anyway.
+    """
+    vision = clip.model.vision_model.config
+    tokens = _tokens(clip, size)
+    heads, width = int(vision.num_attention_heads), int(vision.hidden_size)
+    element = torch.finfo(clip.dtype).bits // 8
+    return 4 * tokens * tokens * (heads + 4) + tokens * width * (4 * 16 + element * 48)
+
+
+def auto_batch_size(clip: ClipBundle, size: tuple[int, int]) -> int:
+    """Images per batch at ``--batch-size auto`` for images resized to ``size``.
+
+    On a CUDA device, from the device's *total* memory (not the free memory, which changes from
+    run to run: the batches, and so the numbers, must not) and :func:`query_bytes_per_image`; on
+    a CPU, as many images as fit in :data:`CPU_TOKENS_PER_BATCH` tokens (at least one).
+
+    Example:
+        >>> auto_batch_size(clip, (384, 512))  # doctest: +SKIP
+        1
+    """
+    if clip.device.type == "cuda":
+        total = torch.cuda.get_device_properties(clip.device).total_memory
+        fit = int(CUDA_MEMORY_SHARE * total // query_bytes_per_image(clip, size))
+    else:
+        fit = CPU_TOKENS_PER_BATCH // _tokens(clip, size)
+    return max(1, min(MAX_AUTO_BATCH, fit))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error is the device running out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())

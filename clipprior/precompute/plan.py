@@ -20,12 +20,15 @@ from clipprior.data.report import DataReport
 from clipprior.errors import InvalidInputError
 
 __all__ = [
+    "ChunkSchedule",
     "PrecomputeStats",
     "QueryWork",
+    "Schedule",
     "SupportKey",
     "WorkPlan",
     "episode_records",
     "plan_chunks",
+    "plan_schedule",
     "plan_work",
     "resized_size",
     "size_batches",
@@ -245,13 +248,119 @@ def resized_size(dataset: Dataset, path: str, patch: int) -> tuple[int, int]:
     return patch * math.ceil(int(height) / patch), patch * math.ceil(int(width) / patch)
 
 
-def size_batches(items: Sequence[Any], size_of: Callable[[Any], tuple[int, int]], batch_size: int
-                 ) -> Iterable[list[Any]]:
-    """Consecutive groups of at most ``batch_size`` items of equal size, in a stable order."""
+def size_batches(items: Sequence[Any], size_of: Callable[[Any], tuple[int, int]],
+                 batch_size: int | Callable[[tuple[int, int]], int]) -> Iterable[list[Any]]:
+    """Consecutive groups of at most ``batch_size`` items of equal size, in a stable order.
+
+    ``batch_size`` is a number, or a function of the (resized) size giving the number for that size.
+    """
     groups: dict[tuple[int, int], list[Any]] = defaultdict(list)
     for item in items:
         groups[size_of(item)].append(item)
     for size in sorted(groups):
         group = groups[size]
-        for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+        step = max(1, int(batch_size(size) if callable(batch_size) else batch_size))
+        for start in range(0, len(group), step):
+            yield group[start:start + step]
+
+
+BatchSize = Callable[[tuple[int, int]], int]  # resized (height, width) -> images per batch
+
+
+@dataclass
+class ChunkSchedule:
+    """Everything one chunk of a run computes, fixed before the run starts.
+
+    Attributes:
+        index: The chunk's position in the run.
+        episodes: Indices of all its episodes.
+        todo: Indices of its episodes whose VVP is not cached yet.
+        images: Number of query images in the chunk.
+        query_batches: The planned query batches that hold missing work (each runs whole).
+        skipped_images: Query images of the chunk in batches that need not run.
+        needs_features: Query images whose VVP features a pending episode needs.
+        support_batches: The planned support batches this chunk runs (those of the chunks whose
+            supports a pending episode of this chunk needs first), each with its wanted keys.
+    """
+
+    index: int
+    episodes: list[int]
+    todo: list[int]
+    images: int
+    query_batches: list[list[QueryWork]] = field(default_factory=list)
+    skipped_images: int = 0
+    needs_features: set[str] = field(default_factory=set)
+    support_batches: list[tuple[list[SupportKey], set[SupportKey]]] = field(default_factory=list)
+
+    @property
+    def runs(self) -> bool:
+        """Whether the chunk has anything to compute."""
+        return bool(self.query_batches or self.todo)
+
+
+@dataclass
+class Schedule:
+    """The whole run: chunks in order, and the support uses the pending episodes make."""
+
+    chunks: list[ChunkSchedule]
+    support_uses: dict[SupportKey, int]
+
+
+def plan_schedule(
+    episodes: Sequence[Any], plan: WorkPlan, sizes: dict[str, tuple[int, int]], batch_size: BatchSize,
+    writer: Writer, *, chunk_images: int, chunk_episodes: int,
+) -> Schedule:
+    """Fix every batch of a run from the plan, the resized sizes and what the cache already holds.
+
+    The query images are ordered by resized size (stably, so first appearance within a size), so
+    that the chunks hold images of few sizes and the batches are full; each chunk's images run in
+    batches of equal size; each (support, class) belongs to the chunk of its first use and runs in
+    that chunk's support batches, at the first chunk with a pending episode that needs it. The
+    batches depend only on the episodes, the sizes and ``batch_size``: a resumed run plans the same
+    batches and recomputes the ones holding missing work whole, so it writes the same numbers.
+
+    Args:
+        episodes: All episodes.
+        plan: :func:`plan_work` of them (one shard, possibly).
+        sizes: Resized (height, width) of every query and support image.
+        batch_size: Images per batch for a resized size.
+        writer: The cache (read only here: what is cached already).
+        chunk_images: See :func:`plan_chunks`.
+        chunk_episodes: See :func:`plan_chunks`.
+
+    Returns:
+        The :class:`Schedule`.
+
+    Example:
+        >>> schedule = plan_schedule(episodes, plan_work(episodes), sizes, lambda s: 8, writer,
+        ...                          chunk_images=64, chunk_episodes=256)  # doctest: +SKIP
+    """
+    ordered = sorted(plan.queries, key=lambda q: sizes[q.image])
+    chunks = plan_chunks(ordered, chunk_images, chunk_episodes)
+    home_keys, home = support_homes(episodes, chunks)
+    todo_all = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
+    uses = plan_work(todo_all).support_uses
+    homes_run: set[int] = set()
+    out = []
+    for c, chunk in enumerate(chunks):
+        chunk_eps = [i for q in chunk for i in q.episodes]
+        todo = [i for i in chunk_eps if not writer.has_vvp(i)]
+        step = ChunkSchedule(c, chunk_eps, todo, len(chunk))
+        step.needs_features = {episodes[i].query_image for i in todo}
+        for batch in size_batches(chunk, lambda q: sizes[q.image], batch_size):
+            missing = any(not writer.has_vtp(q.image, k) for q in batch for k in q.classes)
+            if missing or any(q.image in step.needs_features for q in batch):
+                step.query_batches.append(batch)
+            else:
+                step.skipped_images += len(batch)
+        if not step.runs:
+            step.skipped_images = len(chunk)
+        needed = {(image, label, int(episodes[i].class_id)) for i in todo for image, label in episodes[i].supports}
+        for h in sorted({home[k] for k in needed} - homes_run):
+            homes_run.add(h)
+            for batch in size_batches(home_keys[h], lambda k: sizes[k[0]], batch_size):
+                wanted = {k for k in batch if uses.get(k, 0) > 0}
+                if wanted:
+                    step.support_batches.append((batch, wanted))
+        out.append(step)
+    return Schedule(out, uses)

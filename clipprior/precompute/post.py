@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from clipprior.config import PriorConfig
@@ -57,8 +56,3 @@ def episode_vvp(episode: Any, query_features: dict[str, QueryFeatures], store: S
         best = minmax_normalize(best, config.vvp_eps)
     stacked = best.reshape(shots, -1, *grid).transpose(0, 1)  # (L, K, h, w): layer-major, shots inner
     return stacked.reshape(-1, *grid)
-
-
-def to_host(values: torch.Tensor) -> np.ndarray:
-    """A float tensor -> a float32 numpy array on the host."""
-    return values.detach().cpu().numpy().astype(np.float32)

@@ -27,7 +27,7 @@ __all__ = ["build_provenance", "check_recorded_settings", "computation_settings"
 
 def build_provenance(
     clip: ClipBundle, config: PriorConfig, *, dataset: str, fold: int, split: str, shot: int, seed: int,
-    n_episodes: int, list_checksum: str, class_names: Sequence[str], batch_size: int = 8, chunk_images: int = 64,
+    n_episodes: int, list_checksum: str, class_names: Sequence[str], batch_size: int | str = 8, chunk_images: int = 64,
     chunk_episodes: int = 256, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings a cache depends on, stored in its attributes and compared on resume.
@@ -90,7 +90,7 @@ def build_provenance(
     return prov
 
 
-def computation_settings(clip: ClipBundle, *, batch_size: int, chunk_images: int,
+def computation_settings(clip: ClipBundle, *, batch_size: int | str, chunk_images: int,
                          chunk_episodes: int) -> dict[str, Any]:
     """The settings of a run that change the numbers of its CLIP passes (part of the provenance).
 
@@ -104,13 +104,13 @@ def computation_settings(clip: ClipBundle, *, batch_size: int, chunk_images: int
     return {
         "dtype": dtype_name(clip.dtype),
         "device": clip.device.type,
-        "batch_size": int(batch_size),
+        "batch_size": batch_size if batch_size == "auto" else int(batch_size),
         "chunk_images": int(chunk_images),
         "chunk_episodes": int(chunk_episodes),
     }
 
 
-def check_recorded_settings(writer: Any, clip: ClipBundle, **sizes: int) -> None:
+def check_recorded_settings(writer: Any, clip: ClipBundle, **sizes: int | str) -> None:
     """Refuse to write into a cache whose recorded computation is not the one about to run.
 
     The provenance is built before the run (:func:`build_provenance`); a caller that records one
