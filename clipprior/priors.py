@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from clipprior._resize import resize_bilinear
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.config import PriorConfig
 from clipprior.errors import ConfigError, InvalidInputError
@@ -829,10 +830,7 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Raises:
         InvalidInputError: if ``size`` is not two positive integers.
     """
-    size = _check_size(size, "size")
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return resize_bilinear(maps, _check_size(size, "size"))
 
 
 # ----------------------------------------------------------------------------------------------
