@@ -203,10 +203,10 @@ def _run_queries(
         stats.query_passes += len(loaded.works)
         refined = refine(out.cam, out.attention, config)
         write_vtp(writer, loaded.works, loaded.sizes, loaded.pairs, out.cam, refined, stats)
-        grid = (int(out.cam.shape[-2]), int(out.cam.shape[-1]))
         for b, work in enumerate(loaded.works):
             if work.image in needs_features:
-                feats = query_features(clip, loaded, out, b, config).float().cpu()
+                feats, grid = query_features(clip, loaded, out, b, config)
+                feats = feats.float().cpu()
                 features[work.image] = (feats, feats.norm(dim=-1), grid)
         report("query", len(batch))
     return features
