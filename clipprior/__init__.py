@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipprior.config import PRESETS, PriorConfig, get_preset, list_presets
 from clipprior.errors import (
+    CacheCorruptError,
     CacheError,
     CacheKeyError,
     CacheMismatchError,
@@ -164,6 +165,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "PASCAL_CLASSES",
     "PRESETS",
+    "CacheCorruptError",
     "CacheError",
     "CacheKeyError",
     "CacheMismatchError",

@@ -38,6 +38,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 TextClasses = Literal["target", "present"]
 PixelNorm = Literal["clip", "imagenet"]
+Geometry = Literal["native", "official"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "text_classes": ("target", "present"),
@@ -45,13 +46,14 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pos_interpolation": ("bilinear", "bicubic"),
     "vvp_pixel_norm": ("clip", "imagenet"),
     "vvp_mask_resize": ("nearest", "area"),
+    "geometry": ("native", "official"),
 }
 
 
 _KINDS: dict[str, str] = {
     "logit_scale": "number or None", "cam_norm_passes": "int", "pir_layers": "int", "pir_sinkhorn_iters": "int",
     "cam_eps": "number", "pir_box_threshold": "number", "vvp_eps": "number", "pir_square": "bool",
-    "vvp_normalize": "bool", "fg_template": "str", "bg_template": "str",
+    "vvp_normalize": "bool", "fg_template": "str", "bg_template": "str", "geometry_size": "int",
 }
 
 
@@ -117,6 +119,14 @@ class PriorConfig:
         vvp_pixel_norm: Pixel normalisation used when clipprior prepares VVP inputs itself
             (``"clip"``: CLIP's statistics; ``"imagenet"``: the FSS trainers' tensors, as the
             official code feeds them).
+        geometry: Where the priors are computed. ``"native"``: each image at its own size (resized
+            up to a multiple of the patch size). ``"official"``: the FSS trainers' validation
+            geometry, as the official model computes its priors inside its forward: VVP on the
+            query and supports stretched to ``geometry_size`` x ``geometry_size`` (bilinear; labels
+            nearest), VTP on the image stretched to that square, cast to uint8 and resized back
+            (bicubic) up to a multiple of the patch size of its original size (see docs/priors.md).
+        geometry_size: Side of the trainers' square input for ``geometry="official"`` (473 for
+            PFENet, BAM, HDMNet and PI-CLIP).
     """
 
     fg_template: str = "a photo of {}."
@@ -136,6 +146,8 @@ class PriorConfig:
     vvp_normalize: bool = False
     vvp_mask_resize: str = "nearest"
     vvp_pixel_norm: PixelNorm = "clip"
+    geometry: Geometry = "native"
+    geometry_size: int = 473
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -151,6 +163,8 @@ class PriorConfig:
                 )
         if self.cam_norm_passes < 0:
             raise ConfigError(f"PriorConfig.cam_norm_passes={self.cam_norm_passes} must be >= 0")
+        if self.geometry_size < 1:
+            raise ConfigError(f"PriorConfig.geometry_size={self.geometry_size} must be >= 1 (e.g. 473)")
         if self.pir_layers < 1:
             raise ConfigError(f"PriorConfig.pir_layers={self.pir_layers} must be >= 1")
         if self.pir_sinkhorn_iters < 0:
@@ -165,6 +179,16 @@ class PriorConfig:
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"PriorConfig.{name}={getattr(self, name)} must be a finite number >= 0")
         object.__setattr__(self, "vvp_layers", tuple(int(i) for i in self.vvp_layers))
+
+    @property
+    def vvp_shares_query_pass(self) -> bool:
+        """Whether VVP's query features come from the VTP pass (CLIP normalisation, native geometry).
+
+        Example:
+            >>> PriorConfig().vvp_shares_query_pass, PriorConfig(geometry="official").vvp_shares_query_pass
+            (True, False)
+        """
+        return self.vvp_pixel_norm == "clip" and self.geometry == "native"
 
     def replace(self, **changes: Any) -> PriorConfig:
         """Return a copy with some fields changed (validated like a new config).

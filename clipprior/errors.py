@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "CacheCorruptError",
     "CacheError",
     "CacheKeyError",
     "CacheMismatchError",
@@ -64,6 +65,21 @@ class CacheError(ClipPriorError, RuntimeError):
 
 class CacheMismatchError(CacheError, ValueError):
     """An existing cache was written with settings other than the ones requested."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file is damaged: a stored entry fails its checksum or cannot be decoded.
+
+    Attributes:
+        path: The file.
+        entry: What is damaged, e.g. ``"vtp/refined ('a.jpg', 3)"`` (map kind and key), or the
+            dataset of an index table.
+    """
+
+    def __init__(self, message: str, *, path: object = None, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.entry = entry
 
 
 class CacheKeyError(CacheError, KeyError):

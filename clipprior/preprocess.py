@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from clipprior.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from clipprior.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PriorConfig
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -27,7 +28,11 @@ __all__ = [
     "preprocess_query",
     "preprocess_support",
     "resize_to_patch_multiple",
+    "stretch",
+    "stretch_label",
     "to_rgb_array",
+    "vtp_image",
+    "vvp_inputs",
 ]
 
 ImageLike = Image.Image | np.ndarray
@@ -191,3 +196,112 @@ def check_finite(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> N
     for tensor in items:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise InvalidInputError(f"{name} contains NaN or Inf values; check the input pixels/normalisation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: where the priors are computed (PriorConfig.geometry)
+
+
+def stretch(image: ImageLike, size: int) -> torch.Tensor:
+    """The FSS trainers' validation resize: (H, W, 3) RGB -> (3, size, size) float32 on the 0-255 scale.
+
+    Bilinear with half-pixel centres and no antialiasing on the float image, as OpenCV's
+    ``INTER_LINEAR`` resizes the trainers' float32 arrays (PFENet-family ``Resize``). The aspect ratio
+    is not kept.
+
+    Example:
+        >>> stretch(np.zeros((20, 40, 3), np.uint8), 32).shape
+        torch.Size([3, 32, 32])
+    """
+    rgb = to_rgb_array(image)
+    tensor = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
+    if rgb.shape[:2] == (size, size):
+        return tensor
+    return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def stretch_label(label: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """A label map stretched like :func:`stretch`, nearest neighbour: (H, W) -> (size, size) int64.
+
+    The source pixel of output pixel i is floor(i * H / size), as OpenCV's ``INTER_NEAREST``.
+    """
+    lab = torch.from_numpy(np.array(label, dtype=np.int64)) if not isinstance(label, torch.Tensor) else label.long()
+    if tuple(lab.shape) == (size, size):
+        return lab
+    return F.interpolate(lab[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+
+
+def _normalize_float(pixels: torch.Tensor, norm: str) -> torch.Tensor:
+    """(3, H, W) float on the 0-255 scale -> normalised, as the trainers' ``Normalize(mean*255, std*255)``."""
+    mean, std = pixel_statistics(norm)
+    return (pixels / 255.0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def vtp_image(image: ImageLike, patch_size: int, config: PriorConfig) -> np.ndarray:
+    """The RGB image the VTP pass sees, (H0, W0, 3) -> (Hr, Wr, 3) uint8, Hr = p * ceil(H0 / p).
+
+    ``geometry="native"``: the image resized up to a multiple of the patch size
+    (:func:`resize_to_patch_multiple`). ``geometry="official"``: the official validation path --
+    the image stretched to ``geometry_size`` squared (:func:`stretch`), cast to uint8 by truncation,
+    then resized (``config.vtp_resample``, PIL) to the same (Hr, Wr): the official code's VTP input
+    when it knows the original size (PASCAL, from the VOC annotation).
+
+    Raises:
+        InvalidInputError: if the image is not an image or is smaller than one patch.
+
+    Example:
+        >>> from clipprior.config import PriorConfig
+        >>> vtp_image(np.zeros((20, 40, 3), np.uint8), 16, PriorConfig(geometry="official")).shape
+        (32, 48, 3)
+    """
+    if config.geometry == "native":
+        return resize_to_patch_multiple(image, patch_size, config.vtp_resample)
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    resize_to_patch_multiple(np.zeros((min(height, patch_size), min(width, patch_size), 3), np.uint8),
+                             patch_size)  # the same "smaller than one patch" check as native
+    square = stretch(rgb, config.geometry_size).permute(1, 2, 0).to(torch.uint8).numpy()
+    target = (patch_size * math.ceil(height / patch_size), patch_size * math.ceil(width / patch_size))
+    filt = _RESAMPLE.get(config.vtp_resample, Image.Resampling.BICUBIC)
+    return np.asarray(Image.fromarray(square).resize((target[1], target[0]), filt))
+
+
+def vvp_inputs(image: ImageLike, label: np.ndarray | None, patch_size: int, config: PriorConfig
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pixels (and label) VVP sees for one image: (H0, W0, 3) -> (3, H, W) float32, (H, W) int64.
+
+    ``geometry="native"``: resized up to a multiple of the patch size (labels nearest).
+    ``geometry="official"``: stretched to ``geometry_size`` squared (:func:`stretch`,
+    :func:`stretch_label`), the trainers' tensors. Either way normalised with
+    ``config.vvp_pixel_norm``.
+
+    Raises:
+        InvalidInputError: if the label's size differs from the image's, or the image is unusable.
+
+    Example:
+        >>> from clipprior.config import PriorConfig
+        >>> pix, lab = vvp_inputs(np.zeros((20, 40, 3), np.uint8), np.ones((20, 40)), 16,
+        ...                       PriorConfig(geometry="official", geometry_size=64))
+        >>> tuple(pix.shape), tuple(lab.shape)
+        ((3, 64, 64), (64, 64))
+    """
+    rgb = to_rgb_array(image)
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != rgb.shape[:2]:
+            raise InvalidInputError(f"support mask of size {label.shape} does not match its image of size "
+                                    f"{rgb.shape[:2]}; pass the mask of that image")
+    if config.geometry == "official":
+        size = config.geometry_size
+        if size < patch_size:
+            raise InvalidInputError(f"geometry_size={size} is smaller than one {patch_size}x{patch_size} patch")
+        pixels = _normalize_float(stretch(rgb, size), config.vvp_pixel_norm)
+        return pixels, None if label is None else stretch_label(label, size)
+    resized = resize_to_patch_multiple(rgb, patch_size, config.vtp_resample)
+    pixels = normalize(resized, config.vvp_pixel_norm)
+    if label is None:
+        return pixels, None
+    lab = torch.from_numpy(label.astype(np.int64))
+    if resized.shape[:2] != rgb.shape[:2]:
+        lab = F.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")[0, 0].long()
+    return pixels, lab

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from clipprior._resize import resize_bilinear
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.config import PriorConfig
 from clipprior.errors import ConfigError, InvalidInputError
@@ -33,9 +34,9 @@ from clipprior.preprocess import (
     ImageLike,
     check_finite,
     normalize,
-    preprocess_support,
-    resize_to_patch_multiple,
     to_rgb_array,
+    vtp_image,
+    vvp_inputs,
 )
 
 __all__ = [
@@ -829,10 +830,7 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Raises:
         InvalidInputError: if ``size`` is not two positive integers.
     """
-    size = _check_size(size, "size")
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return resize_bilinear(maps, _check_size(size, "size"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1183,6 +1181,11 @@ def _present_context(size: tuple[int, int], class_name: str, context: Sequence[s
         raise InvalidInputError(f"class {class_name!r} is not among class_names {names[:10]}...; pass the prompt "
                                 f"names the label's class ids refer to")
     return present_names(label, names.index(class_name) + 1, names)
+def _prepare_support(image: ImageLike, label: np.ndarray, patch: int, config: PriorConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A support's VVP pixels and label in ``config.geometry`` (see :func:`~clipprior.preprocess.vvp_inputs`)."""
+    pixels, lab = vvp_inputs(image, np.asarray(label), patch, config)
+    return pixels, torch.as_tensor(lab)
 
 
 def compute_priors(
@@ -1197,11 +1200,14 @@ def compute_priors(
     query_label: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
 ) -> EpisodePriors:
-    """VTP, PIR and VVP of one episode, from images, each at its own geometry.
+    """VTP, PIR and VVP of one episode, from images, in ``config.geometry``.
 
-    The query is resized up to a multiple of the patch size (as the official VTP path does); its
-    VTP pass also yields the VVP query features when ``config.vvp_pixel_norm == "clip"``. Each
-    support is prepared the same way, masked by its label and compared on its own grid.
+    Native geometry: the query is resized up to a multiple of the patch size (as the official VTP
+    path does); its VTP pass also yields the VVP query features when ``config.vvp_pixel_norm ==
+    "clip"``. Each support is prepared the same way, masked by its label and compared on its own
+    grid. Official geometry: VTP on :func:`~clipprior.preprocess.vtp_image`, VVP on the query and
+    supports stretched to ``config.geometry_size`` squared (the trainers' tensors), so the VVP grid
+    is that square's patch grid.
 
     Args:
         clip: The loaded CLIP.
@@ -1239,26 +1245,28 @@ def compute_priors(
     rgb = to_rgb_array(query)
     if config.text_classes == "present":
         context = _present_context(rgb.shape[:2], class_name, context, query_label, class_names)
-    pixels = normalize(resize_to_patch_multiple(rgb, patch, config.vtp_resample), "clip")[None]
-    reuse = config.vvp_pixel_norm == "clip"
+    pixels = normalize(vtp_image(rgb, patch, config), "clip")[None]
+    reuse = config.vvp_shares_query_pass
     out = vtp(clip, pixels, [class_name], context=[list(context)], config=config, return_attention=True,
               return_features=bool(supports) and reuse)
     refined = pir(out.cam, out.attention, config=config).refined
     maps = None
     if supports:
         query_feats = out.features
+        grid = tuple(out.cam.shape[-2:])
         if query_feats is None:
-            qpix = normalize(resize_to_patch_multiple(rgb, patch, config.vtp_resample), config.vvp_pixel_norm)
+            qpix = vvp_inputs(rgb, None, patch, config)[0]
             query_feats = layer_features(clip, qpix[None], config.vvp_layers, config)
+            grid = patch_grid(clip.model.config.vision_config, qpix.shape[-2], qpix.shape[-1])
         feats, masks = [], []
         for image, label in zip(supports, support_masks, strict=True):
-            spix, slab = preprocess_support(image, label, patch, config.vtp_resample, config.vvp_pixel_norm)
+            spix, slab = _prepare_support(image, label, patch, config)
             f, m = support_features(clip, spix[None], slab[None], config)
             feats.append(f)
             masks.append(m)
         # Supports may differ in size: concatenate their cells (max over cells is per shot).
         maps = torch.cat([
-            vvp_from_features(query_feats, f[:, None], m[:, None], tuple(out.cam.shape[-2:]),
+            vvp_from_features(query_feats, f[:, None], m[:, None], grid,
                               eps=config.vvp_eps, normalize_maps=config.vvp_normalize)
             for f, m in zip(feats, masks, strict=True)
         ], dim=1)

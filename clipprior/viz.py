@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from clipprior._resize import resize_bilinear
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -184,8 +184,7 @@ def resize_map(values: ArrayLike, size: tuple[int, int]) -> np.ndarray:
     arr = _as_map(values)
     if arr.shape == tuple(size):
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return resize_bilinear(torch.from_numpy(np.ascontiguousarray(arr)), size).numpy()
 
 
 def colorize(values: ArrayLike, cmap: str = "jet", *, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 from clipprior.cache import PriorCache, _format, _h5, _read, _report, _union, _write, check_cache, summarize_cache
 from clipprior.cache._format import MAP_KINDS, READABLE_VERSIONS, TABLES, kinds_of
 from clipprior.config import PriorConfig
+from clipprior.errors import CacheCorruptError
 from tests._cache_job import episodes, fake_vtp, fake_vvp, image_key, image_size, run_job
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -92,3 +93,85 @@ def test_map_kinds_are_declared_once() -> None:
     spelled = [*names, *(t.grid for t in TABLES.values()), _format.IMAGES_KEY, _format.IMAGES_SIZE, "seg-"]
     for name in spelled:  # no module but the format module spells a dataset path or file rule
         assert not any(f'"{name}' in src for src in sources.values()), name
+
+
+# ----------------------------------------------------------------------------------------- damage
+
+
+def _flip_chunk(path: Path, dataset: str, row: int) -> None:
+    """Flip bits in the middle of the stored (compressed, checksummed) chunk of one row, on disk."""
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        info = ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([byte[0] ^ 0x5A]))
+
+
+def test_a_bit_flip_is_a_clipprior_error_naming_file_and_entry(tmp_path: Path) -> None:
+    out = run_job(tmp_path / "p.h5", n_images=4, n_episodes=3)
+    cache = PriorCache(out)
+    keys = cache.vtp_keys()
+    cache.close()
+    with h5py.File(out, "r") as f:
+        assert f["vtp/refined"].fletcher32 and f["vvp/maps"].fletcher32 and f["vtp/grid"].fletcher32
+    _flip_chunk(out, "vtp/refined", 2)
+    _flip_chunk(out, "vvp/maps", 1)
+    with PriorCache(out) as cache:
+        assert torch.equal(cache.vtp(*keys[2], refined=False), cache.vtp(*keys[2], refined=False))  # raw map intact
+        with pytest.raises(CacheCorruptError) as info:
+            cache.vtp(*keys[2])
+        assert not isinstance(info.value, OSError)
+        assert str(out) in str(info.value) and f"vtp/refined {keys[2]!r}" in str(info.value)
+        assert "clipprior verify" in str(info.value)
+        with pytest.raises(CacheCorruptError, match=r"vvp/maps 1 cannot be read"):
+            cache.vvp(1)
+        cache.vvp(0)
+    report = check_cache(out)
+    assert report.damaged == [f"vtp/refined {keys[2]!r}", "vvp/maps 1"]
+    assert not report.ok and sum("damaged" in p for p in report.problems) == 2
+    with pytest.raises(CacheCorruptError, match=r"vtp/refined"):
+        summarize_cache(out)
+
+
+def test_verify_lists_every_damaged_entry_and_merge_names_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from clipprior.cache import merge_caches, shard_path
+    from clipprior.cli.main import app
+
+    out = run_job(tmp_path / "p.h5", n_images=6, n_episodes=4)
+    with PriorCache(out) as cache:
+        keys = cache.vtp_keys()
+    for row in (0, 3, 5):
+        _flip_chunk(out, "vtp/cam", row)
+    result = CliRunner().invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    for row in (0, 3, 5):
+        assert f"vtp/cam {keys[row]!r}: damaged" in text
+    assert "Traceback" not in result.output
+
+    for i in range(2):
+        run_job(tmp_path / "s.h5", n_images=6, n_episodes=4, shard=(i, 2))
+    shard = shard_path(tmp_path / "s.h5", 0, 2)
+    _flip_chunk(shard, "vtp/refined", 1)
+    with pytest.raises(CacheCorruptError, match=rf"{shard}.*vtp/refined \("):
+        merge_caches([shard_path(tmp_path / "s.h5", i, 2) for i in range(2)], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_damaged_index_table_is_named(tmp_path: Path) -> None:
+    out = run_job(tmp_path / "p.h5", n_images=4, n_episodes=3)
+    _flip_chunk(out, "vtp/class_id", 0)
+    with pytest.raises(CacheCorruptError, match="index table"):
+        PriorCache(out).vtp_keys()
+    with pytest.raises(CacheCorruptError):
+        check_cache(out)
+
+
+def test_v1_fixture_without_checksums_is_noted() -> None:
+    report = check_cache(FIXTURES / "cache_v1.h5")
+    assert report.ok and any("no per-entry checksums" in n for n in report.notes)

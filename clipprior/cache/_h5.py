@@ -33,7 +33,7 @@ import numpy as np
 
 from clipprior.cache import _format as fmt
 from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, RESERVED_ATTRS, MapKind, Table
-from clipprior.errors import CacheError
+from clipprior.errors import CacheCorruptError, CacheError
 
 __all__ = [
     "FORMAT_NAME",
@@ -56,6 +56,9 @@ STR_DTYPE = h5py.string_dtype("utf-8")
 MAP_DTYPE = np.dtype("float16")
 #: gzip ships with every HDF5 build (lzf does not), so any HDF5 reader can open the file.
 COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: HDF5's Fletcher-32 checksum on every chunk of every numeric dataset (one chunk per map entry):
+#: any HDF5 reader checks it on every read, so a damaged entry is never returned silently.
+CHECKSUM: dict[str, Any] = {"fletcher32": True}
 #: Rows copied per block when consolidating; bounds memory to a few MiB whatever the entry count.
 BLOCK_BYTES = 8 << 20
 #: Source files kept open at once while consolidating (segments can number in the thousands).
@@ -63,7 +66,12 @@ MAX_OPEN_SOURCES = 64
 
 
 class EpisodeRecord(NamedTuple):
-    """One row of the episode table.
+    """One row of the episode table: a numbered :class:`clipprior.data.Episode`.
+
+    The dataset side's :class:`~clipprior.data.Episode` (query, class, (image, label) support
+    pairs) and this row (the same, numbered, supports and their labels in two columns as stored)
+    convert only through :meth:`from_episode` and :meth:`as_episode`; :attr:`query_image`,
+    :attr:`shot` and :attr:`support_pairs` let a record stand where an episode is read.
 
     Attributes:
         index: Episode number (the position in the planned episode list).
@@ -80,6 +88,45 @@ class EpisodeRecord(NamedTuple):
     class_id: int
     supports: tuple[str, ...]
     support_labels: tuple[str, ...]
+
+    @property
+    def query_image(self) -> str:
+        """The query image key (the name :class:`~clipprior.data.Episode` uses)."""
+        return self.query
+
+    @property
+    def shot(self) -> int:
+        """K, the number of supports."""
+        return len(self.supports)
+
+    @property
+    def support_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``(image key, label key)`` per support, in shot order."""
+        return tuple(zip(self.supports, self.support_labels, strict=True))
+
+    @classmethod
+    def from_episode(cls, index: int, episode: Any) -> EpisodeRecord:
+        """The row of ``episode`` (a :class:`~clipprior.data.Episode`) numbered ``index``.
+
+        Example:
+            >>> from clipprior.data import Episode
+            >>> EpisodeRecord.from_episode(4, Episode("q.jpg", "q.png", 3, (("s.jpg", "s.png"),))).supports
+            ('s.jpg',)
+        """
+        pairs = tuple(episode.supports)
+        return cls(int(index), episode.query_image, episode.query_label, int(episode.class_id),
+                   tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+
+    def as_episode(self) -> Any:
+        """This row as a :class:`clipprior.data.Episode` (what the dataset side and the engine take).
+
+        Example:
+            >>> EpisodeRecord(0, "q.jpg", "q.png", 3, ("s.jpg",), ("s.png",)).as_episode().supports
+            (('s.jpg', 's.png'),)
+        """
+        from clipprior.data.episodes import Episode  # the cache reader must not need the data package
+
+        return Episode(self.query, self.query_label, self.class_id, self.support_pairs)
 
 
 # --------------------------------------------------------------------------------------------- I/O
@@ -231,6 +278,28 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return [str(s) for s in ds.asstr()[...].reshape(-1)] if ds.size else []
 
 
+def damaged(path: Path | str, entry: str, err: BaseException) -> CacheCorruptError:
+    """The error for an entry (or index dataset) of ``path`` that fails its checksum or cannot be decoded."""
+    reason = str(err).strip() or type(err).__name__
+    return CacheCorruptError(
+        f"{path} is damaged: {entry} cannot be read ({reason}); run `clipprior verify {path}` to list every "
+        "damaged entry, then recompute the file (or restore a copy)",
+        path=path, entry=entry,
+    )
+
+
+def read_entry(dataset: h5py.Dataset, row: int, path: Path | str, entry: str) -> np.ndarray:
+    """Row ``row`` of a map dataset.
+
+    Raises:
+        CacheCorruptError: naming ``path`` and ``entry`` if the row's chunk is damaged.
+    """
+    try:
+        return dataset[row]
+    except OSError as err:
+        raise damaged(path, entry, err) from err
+
+
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Rows ``rows`` (sorted, unique, non-empty) of a dataset, stacked.
 
@@ -304,7 +373,22 @@ class FileIndex:
 
     @classmethod
     def read(cls, handle: h5py.File) -> FileIndex:
-        """Read the index of an open cache-layout file."""
+        """Read the index of an open cache-layout file.
+
+        Raises:
+            CacheCorruptError: if an index table fails its checksum or cannot be decoded.
+            CacheError: if a table the format requires is absent.
+        """
+        try:
+            return cls._read(handle)
+        except OSError as err:
+            raise damaged(handle.filename, "an index table (images, entry keys, grids or episodes)", err) from err
+        except KeyError as err:
+            raise CacheError(f"{handle.filename} lacks a table of the cache format ({err}); the file is damaged "
+                             "or was not written by clipprior") from err
+
+    @classmethod
+    def _read(cls, handle: h5py.File) -> FileIndex:
         attrs: dict[str, Any] = {}
         for name, value in handle.attrs.items():
             attrs[name] = value.decode() if isinstance(value, bytes) else value
@@ -394,6 +478,10 @@ def _create_dataset(group: h5py.Group, name: str, data: np.ndarray | None = None
         shape = data.shape
     if compress and chunks is not None and all(shape):
         kwargs.update(COMPRESSION, chunks=chunks)
+    numeric = (dtype if dtype is not None else data.dtype) is not STR_DTYPE  # type: ignore[union-attr]
+    if numeric and all(shape):
+        kwargs.update(CHECKSUM)
+        kwargs.setdefault("chunks", chunks if chunks is not None else True)
     return group.create_dataset(name, shape=shape, dtype=dtype if dtype is not None else data.dtype,  # type: ignore[union-attr]
                                 data=data, **kwargs)
 
@@ -432,11 +520,14 @@ class SourceSet:
         paths: Source files (cache layout), addressed by position.
         memory: Optional in-memory sources, addressed by ``len(paths) + i``: mappings from a map
             kind's name (e.g. ``vtp/cam``) to a list of per-row arrays.
+        indices: The :class:`FileIndex` of each path, to name a damaged entry by its key.
     """
 
-    def __init__(self, paths: Sequence[Path], memory: Sequence[Mapping[str, Sequence[np.ndarray]]] = ()) -> None:
+    def __init__(self, paths: Sequence[Path], memory: Sequence[Mapping[str, Sequence[np.ndarray]]] = (),
+                 indices: Sequence[FileIndex] = ()) -> None:
         self.paths = list(paths)
         self.memory = list(memory)
+        self.indices = list(indices)
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
 
     def _handle(self, source: int) -> h5py.File:
@@ -454,7 +545,23 @@ class SourceSet:
         if source >= len(self.paths):
             data = self.memory[source - len(self.paths)][name]
             return [data[r] for r in rows.tolist()]
-        return read_rows(self._handle(source)[name], rows)
+        dataset = self._handle(source)[name]
+        try:
+            return read_rows(dataset, rows)
+        except OSError:
+            pass
+        out = []
+        for row in rows.tolist():  # find the damaged entry, to name it
+            out.append(read_entry(dataset, row, self.paths[source], self._describe(source, name, row)))
+        return out  # pragma: no cover - a block that fails as a whole but not row by row
+
+    def _describe(self, source: int, name: str, row: int) -> str:
+        table = fmt.kind(name).table
+        if source < len(self.indices):
+            keys = self.indices[source].tables[table].keys
+            if row < len(keys):
+                return f"{name} {keys[row]!r}"
+        return f"{name} row {row}"
 
     def close(self) -> None:
         """Close every open source."""

@@ -5,8 +5,10 @@ See :mod:`clipprior.cache` for the overview and ``docs/training-loop.md`` for a 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from clipprior._resize import resize_bilinear
 from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
 from clipprior.cache._format import parts_dir
@@ -69,11 +71,7 @@ def resize_prior(x: torch.Tensor, size: tuple[int, int], *, align_corners: bool 
     if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3, 4):
         shape = getattr(x, "shape", x)
         raise InvalidInputError(f"prior must be a (h, w), (C, h, w) or (B, C, h, w) tensor, got {shape}")
-    ndim = x.ndim
-    y = x.float().reshape((1,) * (4 - ndim) + tuple(x.shape))
-    if tuple(y.shape[-2:]) != size:
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=align_corners)
-    return y.reshape(tuple(x.shape[:-2]) + size)
+    return resize_bilinear(x.float(), size, align_corners=align_corners)
 
 
 def letterbox_prior(x: torch.Tensor, content_size: tuple[int, int], canvas_size: tuple[int, int], *,
@@ -203,6 +201,10 @@ class PriorCache:
     def _map(self, name: str) -> h5py.Dataset:
         self._ensure_open()
         return self._maps[name]
+
+    def _entry(self, kind: fmt.MapKind, row: int, key: Any) -> np.ndarray:
+        """Row ``row`` of map kind ``kind`` (the whole padded row: one chunk), named ``key`` in errors."""
+        return _h5.read_entry(self._map(kind.name), row, self.path, f"{kind.name} {key!r}")
 
     @property
     def _index(self) -> _ReaderIndex:
@@ -355,11 +357,12 @@ class PriorCache:
 
     def has_vtp(self, image_key: str, class_id: int) -> bool:
         """Whether the VTP of ``(image_key, class_id)`` is cached (``image_key`` as in :meth:`image_key`)."""
+        class_id = self._class_id(class_id)
         try:
             key = self.image_key(image_key)
         except CacheKeyError:
             return False
-        return (key, int(class_id)) in self._index.vtp_row
+        return (key, class_id) in self._index.vtp_row
 
     def has_vvp(self, episode_index: int) -> bool:
         """Whether the VVP of an episode is cached."""
@@ -390,7 +393,7 @@ class PriorCache:
             CacheKeyError: if no episode matches.
         """
         query, supports = self._lenient_key(query), [self._lenient_key(s) for s in supports]
-        key = (query, int(class_id), tuple(supports))
+        key = (query, self._class_id(class_id), tuple(supports))
         index = self._index.episode_by_key.get(key)
         if index is None:
             raise CacheKeyError(
@@ -421,9 +424,10 @@ class PriorCache:
         Raises:
             CacheKeyError: if the entry is not cached (the message says how to list the contents).
         """
+        class_id = self._class_id(class_id)
         idx = self._index
         image_key = self.image_key(image_key)
-        row = idx.vtp_row.get((image_key, int(class_id)))
+        row = idx.vtp_row.get((image_key, class_id))
         if row is None:
             if image_key not in idx.image_row:
                 raise CacheKeyError(self._unknown_image(image_key))
@@ -432,7 +436,7 @@ class PriorCache:
                                 f"classes {classes}); run `clipprior inspect {self.path}` to see what is cached")
         h, w = idx.file.tables[fmt.VTP.group].grids[row].tolist()
         # Reading the whole padded row (one chunk) and cropping is ~4x faster than a hyperslab.
-        data = self._map((fmt.VTP_REFINED if refined else fmt.VTP_CAM).name)[row][:h, :w]
+        data = self._entry(fmt.VTP_REFINED if refined else fmt.VTP_CAM, row, (image_key, class_id))[:h, :w]
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key, align_corners)
 
     def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
@@ -464,7 +468,7 @@ class PriorCache:
             raise CacheKeyError(f"no VVP for episode {index} in {self.path} ({self._episode_range()}); "
                                 f"run `clipprior inspect {self.path}` to see what is cached")
         h, w = self._index.file.tables[fmt.VVP.group].grids[row].tolist()
-        data = self._map(fmt.VVP_MAPS.name)[row][:, :h, :w]
+        data = self._entry(fmt.VVP_MAPS, row, index)[:, :h, :w]
         query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key, align_corners)
 
@@ -478,6 +482,19 @@ class PriorCache:
                 raise CacheError(f"{self.path}: this entry's image is unknown, so 'original' has no size")
             return resize_prior(x, self.image_size(image_key), align_corners=align_corners)
         return resize_prior(x, size, align_corners=align_corners)
+
+    def _class_id(self, class_id: Any) -> int:
+        """``class_id`` as an int, or an error that says how to get one from a class name."""
+        if not isinstance(class_id, bool):
+            with contextlib.suppress(TypeError):
+                return operator.index(class_id)  # int, numpy integer, integer 0-d tensor
+        dataset = self._index.file.attrs[fmt.ATTR_PROVENANCE].get("dataset", "DATASET")
+        hint = ""
+        if isinstance(class_id, str):
+            hint = (f"; to look a class up by name: `clipprior.data.class_names({dataset!r}).index({class_id!r}) + 1` "
+                    "(ids are 1-based, in the dataset's class order)")
+        raise InvalidInputError(f"class_id must be the dataset's integer class id (e.g. 1..20 for PASCAL), "
+                                f"got {class_id!r} ({type(class_id).__name__}){hint}")
 
     def _episode_range(self) -> str:
         episodes = self._index.episodes

@@ -332,7 +332,7 @@ class SourceUnion:
                 grids=np.asarray([e[2] for e in rows], np.int64).reshape(-1, 2),
                 channels={k.name: self.channels[k.name] for k in fmt.kinds_of(name) if k.channels},
             ))
-        with SourceSet([i.path for i in self.indices], memory) as sources, \
+        with SourceSet([i.path for i in self.indices], memory, self.indices) as sources, \
                 _h5.atomic_h5(out, what=what, in_memory=bool(memory), needed_bytes=needed) as handle:
             _h5.write_cache_file(
                 handle, attrs=attrs, provenance=provenance, images=images, tables=tables,

@@ -147,6 +147,8 @@ class CacheWriter:
             self._check_provenance(base.attrs[fmt.ATTR_PROVENANCE], self.path)
             if self.shard is None and fmt.ATTR_SHARD_INDEX in base.attrs:
                 raise CacheError(f"{self.path} is a shard file; merge it with `clipprior merge` instead of appending")
+            if self.shard is not None:
+                self._check_shard_file(base)
         manifest = self._read_manifest()
         if manifest is not None and not any(self.parts.glob(fmt.SEGMENT_GLOB)):
             manifest = None  # a run that committed nothing: no work to protect, start afresh
@@ -163,6 +165,17 @@ class CacheWriter:
         except BaseException:
             self._release()
             raise
+
+    def _check_shard_file(self, base: FileIndex) -> None:
+        """A finished file at a shard's path must be that shard (of this job), or it is never taken as done."""
+        kind = base.attrs.get(fmt.ATTR_KIND)
+        index, count = base.attrs.get(fmt.ATTR_SHARD_INDEX), base.attrs.get(fmt.ATTR_SHARD_COUNT)
+        if kind != fmt.FILE_SHARD or index is None or (int(index), int(count)) != self.shard:
+            found = f"shard {index}/{count}" if index is not None else f"a {kind or 'foreign'} file"
+            raise CacheError(
+                f"{self.path} should hold shard {self.shard[0]}/{self.shard[1]} but holds {found} (was it overwritten, "
+                f"e.g. by `clipprior merge`?); move it away or delete it and rerun to compute this shard again"
+            )
 
     def _read_manifest(self) -> dict[str, Any] | None:
         path = self.parts / _MANIFEST
@@ -516,6 +529,14 @@ class CacheWriter:
 # ------------------------------------------------------------------------------------------ merge
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (same inode when both exist, else same resolved path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, overwrite: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> Path:
     """Merge the shard files of one job into the cache a single run would have written.
@@ -541,6 +562,10 @@ def merge_caches(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     if not paths:
         raise CacheError("no shard files given; pass every OUT.shard-I-of-N.h5 of the job")
     out = Path(out)
+    for p in paths:
+        if _same_file(out, Path(p)):
+            raise CacheError(f"the output {out} is also an input ({p}); merging onto an input would destroy that "
+                             "shard: write the merged cache to another path")
     if out.exists() and not overwrite:
         raise CacheError(f"{out} exists; remove it or pass overwrite=True (--overwrite)")
     indices = [FileIndex.load(Path(p)) for p in paths]

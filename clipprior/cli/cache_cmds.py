@@ -166,8 +166,9 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
                       data_root: Path | None, device: str, dtype: str, atol: float) -> list[str]:
     """Recompute the priors of some episodes with the model and compare them with the cache.
 
-    The model defaults to the one recorded in the cache; the data root is not recorded (it is
-    machine-specific) and must be given. Each episode's query VTP (raw and refined) and VVP are
+    The model defaults to the one recorded in the cache; the data root must be given (the cache
+    records the folder it was computed from, which the message names, but a check against the
+    data is only as good as a data root the user chose). Each episode's query VTP (raw and refined) and VVP are
     recomputed with ``cache.config`` at the image's own geometry, as ``precompute`` does, and
     compared with the cached float16 maps within ``atol``.
 
@@ -186,28 +187,23 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
     Raises:
         CacheError: without ``--data-root``.
     """
-    from types import SimpleNamespace
-
-    from clipprior.data import load_label, load_rgb, prompt_names
+    from clipprior.data import DataRoot, prompt_names
     from clipprior.model import load_clip
     from clipprior.precompute import recompute_episode
 
-    if data_root is None:
-        raise CacheError("verify --sample needs --data-root: the dataset root is not stored in the cache")
     prov = cache.provenance
+    if data_root is None:
+        recorded = prov.get("data_root")
+        hint = f" (the cache was computed from {recorded})" if recorded else ""
+        raise CacheError(f"verify --sample needs --data-root: the dataset folder to recompute from{hint}")
     clip = load_clip(model or prov["model"], device=device, dtype=dtype)
     if model is None and clip.checksum != prov.get("weights_sha256"):
         console.print("[yellow]Note:[/] the weights' checksum differs from the cache's", highlight=False)
-    root = Path(data_root)
-    dataset = SimpleNamespace(load_image=lambda key: load_rgb(root / key),
-                              load_label=lambda key: load_label(root / key))
+    dataset = DataRoot(data_root)
     names = prompt_names(prov["dataset"])
     problems = []
     for record in episodes:
-        episode = SimpleNamespace(query_image=record.query, query_label=record.query_label,
-                                  class_id=record.class_id,
-                                  supports=tuple(zip(record.supports, record.support_labels, strict=True)))
-        fresh = recompute_episode(clip, dataset, episode, class_names=names, config=cache.config)
+        fresh = recompute_episode(clip, dataset, record.as_episode(), class_names=names, config=cache.config)
         checks = {
             "VTP raw": (cache.vtp(record.query, record.class_id, refined=False), fresh.cam),
             "VTP refined": (cache.vtp(record.query, record.class_id, refined=True), fresh.refined),
@@ -234,7 +230,7 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
               help="Largest absolute difference accepted when recomputing (the cache stores float16).")
 @model_option(default=None, help="Model for recomputing (default: the cache's model).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Dataset root for recomputing (default: the one recorded in the cache).")
+              help="Dataset root for recomputing (required with --sample).")
 @device_option()
 @dtype_option()
 @debug_option

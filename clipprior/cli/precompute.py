@@ -104,6 +104,12 @@ def _torchrun_device(device: str) -> str:
               help="Softmax class set: target alone (no labels needed) or every class in the query's ground "
                    "truth (the official code; uses labels) [default: from the preset].")
 @preset_option()
+@click.option("--geometry", type=click.Choice(["native", "official"]), default=None,
+              help="Where the priors are computed: each image at its own size (native), or the FSS trainers' "
+                   "validation geometry, images stretched to --geometry-size squared, as the official model "
+                   "computes its priors (official) [default: from the preset: native].")
+@click.option("--geometry-size", type=click.IntRange(16, None), default=None,
+              help="Side of the trainers' square input for --geometry official [default: 473].")
 @click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of the trainers' list files (data_list_{fold}.txt, ...); built from the masks if omitted.")
 @click.option("--base-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -127,8 +133,9 @@ def _torchrun_device(device: str) -> str:
 @handle_errors
 def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, n_episodes: int | None, seed: int,
                model: str, device: str, dtype: str, batch_size: str, workers: int | None, text_classes: str | None,
-               preset: str, list_root: Path | None, base_list: Path | None, episode_file: Path | None,
-               coco_split: str, on_error: str, shard: str | None,
+               preset: str, geometry: str | None, geometry_size: int | None,
+               list_root: Path | None, base_list: Path | None, episode_file: Path | None, coco_split: str,
+               on_error: str, shard: str | None,
                chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
     r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
@@ -151,6 +158,10 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     config = get_preset(preset)
     if text_classes is not None:
         config = config.replace(text_classes=text_classes)
+    if geometry is not None:
+        config = config.replace(geometry=geometry)
+    if geometry_size is not None:
+        config = config.replace(geometry_size=geometry_size)
     shard_spec = parse_shard(shard) or shard_from_environment()
     out = out or _default_out(dataset, fold, split, shot)
 

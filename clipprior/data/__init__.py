@@ -42,7 +42,7 @@ from clipprior.data.episodes import (
     sample_episodes,
     write_episodes,
 )
-from clipprior.data.images import load_label, load_pair, load_rgb
+from clipprior.data.images import DataRoot, load_label, load_pair, load_rgb
 from clipprior.data.lists import (
     MIN_PIXELS,
     FssLists,
@@ -71,6 +71,7 @@ __all__ = [
     "TRAINER_EPISODES",
     "CocoMaskStats",
     "DataReport",
+    "DataRoot",
     "DatasetSpec",
     "Episode",
     "EpisodeMeta",

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clipprior.data.classes import _check_coco_split, _check_fold, _check_split, dataset_name, num_classes
-from clipprior.data.images import image_size as header_size
-from clipprior.data.images import load_label, load_pair, load_rgb
+from clipprior.data.images import DataRoot, load_label, load_pair, load_rgb
 from clipprior.data.layout import check_root
 from clipprior.data.lists import (
     MIN_PIXELS,
@@ -42,11 +41,12 @@ from clipprior.errors import ClipPriorError, DataNotFoundError
 __all__ = ["FSSDataset", "open_dataset"]
 
 
-class FSSDataset:
+class FSSDataset(DataRoot):
     """One fold and split of PASCAL-5i or COCO-20i.
 
     Ids are POSIX paths relative to :attr:`root` (``"JPEGImages/2007_000033.jpg"``); every method
-    that takes a path also accepts an absolute path.
+    that takes a path also accepts an absolute path. ``path``, ``load_image``, ``load_label`` and
+    ``image_size`` come from :class:`~clipprior.data.images.DataRoot`.
 
     Attributes:
         name: ``"pascal5i"`` or ``"coco20i"``.
@@ -94,11 +94,6 @@ class FSSDataset:
         """sha256 of the lists' content as ids (see :meth:`FssLists.checksum`), for cache provenance."""
         return self.lists.checksum()
 
-    def path(self, path_or_id: str | os.PathLike[str]) -> Path:
-        """Absolute path of an id (absolute paths are returned unchanged)."""
-        path = Path(path_or_id)
-        return path if path.is_absolute() else self.root / path
-
     def relative(self, path: str | os.PathLike[str]) -> str:
         """Id (POSIX path relative to :attr:`root`) of a path under the root; ids are returned unchanged."""
         path = Path(path)
@@ -108,18 +103,6 @@ class FSSDataset:
             return path.relative_to(self.root).as_posix()
         except ValueError as err:
             raise DataNotFoundError(f"{path} is not under the data root {self.root}") from err
-
-    def load_image(self, path: str | os.PathLike[str]) -> np.ndarray:
-        """Load an image as (H, W, 3) uint8 RGB (see :func:`~clipprior.data.images.load_rgb`)."""
-        return load_rgb(self.path(path))
-
-    def load_label(self, path: str | os.PathLike[str]) -> np.ndarray:
-        """Load a mask as (H, W) uint8 class ids (see :func:`~clipprior.data.images.load_label`)."""
-        return load_label(self.path(path))
-
-    def image_size(self, path: str | os.PathLike[str]) -> tuple[int, int]:
-        """(height, width) of an image read from its header, without decoding the pixels."""
-        return header_size(self.path(path))
 
     def load_pair(self, image: str | os.PathLike[str], label: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         """Load an image and its mask, checking that their sizes agree: ((H, W, 3), (H, W)) uint8."""

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipprior.errors import DataNotFoundError, DatasetError
 
-__all__ = ["check_same_size", "image_size", "load_label", "load_pair", "load_rgb"]
+__all__ = ["DataRoot", "check_same_size", "image_size", "load_label", "load_pair", "load_rgb"]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, UnidentifiedImageError, Image.DecompressionBombError)
 
@@ -175,3 +175,41 @@ def check_same_size(image: np.ndarray, label: np.ndarray, image_path: str | os.P
         raise DatasetError(f"mask {label_path} is {label.shape[0]}x{label.shape[1]} (HxW) but image {image_path} "
                            f"is {image.shape[0]}x{image.shape[1]}; they must have the same size: fix the mask or "
                            "the image/mask pairing in the list")
+
+
+class DataRoot:
+    """Images and labels by key under a data root, without lists: what the engine needs of a dataset.
+
+    ``clipprior verify --sample`` recomputes cached episodes with it; the keys are the cache's
+    (paths relative to the root; absolute paths are taken as they are).
+
+    Args:
+        root: The data root.
+
+    Example:
+        >>> DataRoot("/data/VOC2012").path("JPEGImages/a.jpg").as_posix()
+        '/data/VOC2012/JPEGImages/a.jpg'
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"DataRoot({str(self.root)!r})"
+
+    def path(self, key: str | os.PathLike[str]) -> Path:
+        """Absolute path of a key."""
+        path = Path(key)
+        return path if path.is_absolute() else self.root / path
+
+    def load_image(self, key: str | os.PathLike[str]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB (see :func:`load_rgb`)."""
+        return load_rgb(self.path(key))
+
+    def load_label(self, key: str | os.PathLike[str]) -> np.ndarray:
+        """(H, W) uint8 class ids (see :func:`load_label`)."""
+        return load_label(self.path(key))
+
+    def image_size(self, key: str | os.PathLike[str]) -> tuple[int, int]:
+        """(height, width) from the image's header."""
+        return image_size(self.path(key))

@@ -11,9 +11,11 @@ planned around unique passes:
   stays flat as the episode count grows;
 - each episode's VVP is then a cheap cosine-max between features already computed.
 
-Everything is at the image's own geometry: the query and supports are resized up to a multiple of
-the patch size, as the official VTP path prepares the query, and the maps are stored on that
-patch grid with the image size recorded (see ``docs/cache-format.md``).
+By default everything is at the image's own geometry: the query and supports are resized up to a
+multiple of the patch size, as the official VTP path prepares the query, and the maps are stored on
+that patch grid with the image size recorded (see ``docs/cache-format.md``). With
+``PriorConfig.geometry == "official"``, VVP runs on the trainers' stretched square tensors and VTP on
+the official validation path (see ``docs/priors.md``).
 
 The data flow reads top to bottom, one module per stage:
 
@@ -43,7 +45,7 @@ from clipprior.precompute.plan import (
     plan_chunks,
     plan_work,
 )
-from clipprior.precompute.provenance import build_provenance, computation_settings
+from clipprior.precompute.provenance import build_provenance, computation_settings, geometry_description
 
 __all__ = [
     "PrecomputeStats",
@@ -52,6 +54,7 @@ __all__ = [
     "build_provenance",
     "computation_settings",
     "episode_records",
+    "geometry_description",
     "plan_chunks",
     "plan_work",
     "recompute_episode",

@@ -255,11 +255,11 @@ def _run_chunk(
     def query_part(part: QueryBatch) -> None:
         result = query_pass(clip, part, text, config)
         refined = refine(result.cam, result.attention, config)
-        grid = (int(result.cam.shape[-2]), int(result.cam.shape[-1]))
         kept = {}
         for b, work in enumerate(part.works):
             if work.image in step.needs_features:
-                feats = query_features(clip, part, result, b, config).float()
+                feats, grid = query_features(clip, part, result, b, config)
+                feats = feats.float()
                 kept[work.image] = (feats, feats.norm(dim=-1), grid)
         cam, ref = to_host(result.cam), to_host(refined)
         stats.query_passes += len(part)

@@ -23,8 +23,8 @@ from clipprior.data.images import check_same_size
 from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
-from clipprior.preprocess import normalize, preprocess_support, resize_to_patch_multiple
-from clipprior.priors import present_names
+from clipprior.preprocess import normalize, vtp_image
+from clipprior.priors import _prepare_support, present_names
 
 __all__ = [
     "LoadFaults",
@@ -56,7 +56,8 @@ class QueryBatch:
         sizes: Original (height, width) of each image.
         class_sets: Per (image, class) pair, in :attr:`pairs` order, the class names of its softmax.
         pairs: (batch index, class id) of every VTP pair of the batch.
-        resized: The resized uint8 images (kept when VVP needs its own normalisation), else ``None``.
+        vvp_images: The decoded uint8 images, kept when VVP needs a pass of its own (another pixel
+            normalisation or the official geometry, see ``PriorConfig.vvp_shares_query_pass``), else ``None``.
     """
 
     works: list[QueryWork]
@@ -64,7 +65,7 @@ class QueryBatch:
     sizes: list[tuple[int, int]]
     class_sets: list[list[str]]
     pairs: list[tuple[int, int]]
-    resized: list[np.ndarray] | None
+    vvp_images: list[np.ndarray] | None
 
 
     def __len__(self) -> int:
@@ -81,7 +82,7 @@ class QueryBatch:
             parts.append(QueryBatch(
                 self.works[start:stop], self.pixels[start:stop], self.sizes[start:stop],
                 [self.class_sets[p] for p in chosen], [(self.pairs[p][0] - start, self.pairs[p][1]) for p in chosen],
-                None if self.resized is None else self.resized[start:stop]))
+                None if self.vvp_images is None else self.vvp_images[start:stop]))
         return parts
 
 
@@ -118,7 +119,7 @@ def load_query_image(dataset: Dataset, work: QueryWork, patch: int, config: Prio
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query, checked (:func:`load_checked`): (decoded rgb, label, rgb resized up to a multiple of ``patch``)."""
     rgb, label = load_checked(dataset, work.image, work.label, patch, "query")
-    return rgb, label, resize_to_patch_multiple(rgb, patch, config.vtp_resample)
+    return rgb, label, vtp_image(rgb, patch, config)
 
 
 def load_query_batch(dataset: Dataset, batch: Sequence[QueryWork], patch: int, config: PriorConfig,
@@ -157,9 +158,9 @@ def assemble_query_batch(batch: list[QueryWork], prepared: Sequence[tuple[np.nda
         if config.text_classes == "present":
             names += [n for n in present_names(prepared[b][1], c, class_names) if n not in names]
         sets.append(names)
-    resized = None if config.vvp_pixel_norm == "clip" else [p[2] for p in prepared]
+    vvp_images = None if config.vvp_shares_query_pass else [p[0] for p in prepared]
     sizes = [(int(p[0].shape[0]), int(p[0].shape[1])) for p in prepared]
-    return QueryBatch(batch, pixels, sizes, sets, pairs, resized)
+    return QueryBatch(batch, pixels, sizes, sets, pairs, vvp_images)
 
 
 def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorConfig
@@ -174,7 +175,7 @@ def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorCon
             f"support mask {path} has no pixel of class {class_id}, the class its image {_file(dataset, image)} "
             "is a support of: the support lists do not match the masks; rebuild them from the masks "
             "(`clipprior lists build`)"), path)
-    return preprocess_support(rgb, fss, patch, config.vtp_resample, config.vvp_pixel_norm)
+    return _prepare_support(rgb, fss, patch, config)
 
 
 def load_support_batch(dataset: Dataset, batch: Sequence[SupportKey], patch: int, config: PriorConfig,
@@ -367,7 +368,7 @@ def query_job(dataset: Dataset, batch: list[QueryWork], patch: int, config: Prio
                 if config.text_classes == "present":
                     names += [n for n in present_names(label, c, class_names) if n not in names]
                 sets.append(names)
-            keep = None if config.vvp_pixel_norm == "clip" else resized
+            keep = None if config.vvp_shares_query_pass else rgb
             return (int(rgb.shape[0]), int(rgb.shape[1])), keep, pixels, sets
         return lambda: _captured(run, work.image)
 
@@ -377,11 +378,11 @@ def query_job(dataset: Dataset, batch: list[QueryWork], patch: int, config: Prio
             return None
         pairs = [(b, c) for b, q in enumerate(works) for c in sorted(q.classes)]
         sets = [names for r in results for names in r[3]]
-        resized = None if config.vvp_pixel_norm == "clip" else [r[1] for r in results]
+        vvp_images = None if config.vvp_shares_query_pass else [r[1] for r in results]
         first = results[0][2]
         pixels = torch.empty((len(results), *first.shape), dtype=first.dtype, pin_memory=pin)
         torch.stack([r[2] for r in results], out=pixels)
-        return QueryBatch(works, pixels, [r[0] for r in results], sets, pairs, resized)
+        return QueryBatch(works, pixels, [r[0] for r in results], sets, pairs, vvp_images)
 
     return LoadJob([one(w) for w in batch], [w.image for w in batch], assemble)
 

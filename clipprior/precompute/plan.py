@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipprior.cache import EpisodeRecord
 from clipprior.data.report import DataReport
 from clipprior.errors import InvalidInputError
 
@@ -130,12 +131,9 @@ class PrecomputeStats:
     problems: DataReport = field(default_factory=DataReport)
 
 
-def episode_records(episodes: Sequence[Any]) -> list[tuple[int, str, str, int, list[str], list[str]]]:
-    """Episodes as rows of the cache's episode table: (index, query, query_label, class, supports, labels)."""
-    return [
-        (i, e.query_image, e.query_label, int(e.class_id), [s[0] for s in e.supports], [s[1] for s in e.supports])
-        for i, e in enumerate(episodes)
-    ]
+def episode_records(episodes: Sequence[Any]) -> list[EpisodeRecord]:
+    """Episodes as rows of the cache's episode table, numbered in order (see :meth:`EpisodeRecord.from_episode`)."""
+    return [EpisodeRecord.from_episode(i, e) for i, e in enumerate(episodes)]
 
 
 def plan_work(episodes: Sequence[Any], shard: tuple[int, int] | None = None) -> WorkPlan:

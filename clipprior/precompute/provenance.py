@@ -22,7 +22,22 @@ from clipprior.config import PriorConfig
 from clipprior.errors import InvalidInputError
 from clipprior.model import ClipBundle
 
-__all__ = ["build_provenance", "check_recorded_settings", "computation_settings"]
+__all__ = ["build_provenance", "check_recorded_settings", "computation_settings", "geometry_description"]
+
+
+def geometry_description(config: PriorConfig) -> str:
+    """The ``geometry`` provenance entry: where the cached maps were computed, in words.
+
+    Example:
+        >>> geometry_description(PriorConfig())
+        'native: image resized up to a multiple of the patch size; maps on its patch grid'
+    """
+    if config.geometry == "official":
+        size = config.geometry_size
+        return (f"official: VVP on the query and supports stretched to {size}x{size} (the trainers' validation "
+                f"tensors), maps on that square's patch grid; VTP on the image stretched to {size}x{size}, "
+                f"cast to uint8 and resized back up to a multiple of the patch size, maps on its patch grid")
+    return "native: image resized up to a multiple of the patch size; maps on its patch grid"
 
 
 def build_provenance(
@@ -82,7 +97,7 @@ def build_provenance(
         "episodes": int(n_episodes),
         "list_sha256": list_checksum,
         "prompt_names_sha256": names_digest,
-        "geometry": "native: image resized up to a multiple of the patch size; maps on its patch grid",
+        "geometry": geometry_description(config),
     }
     prov.update(computation_settings(clip, batch_size=batch_size, chunk_images=chunk_images,
                                      chunk_episodes=chunk_episodes))
