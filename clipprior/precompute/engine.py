@@ -26,6 +26,7 @@ from clipprior.precompute.load import (
     LoadJob,
     QueryBatch,
     SupportBatch,
+    _guarded,
     default_workers,
     fss_mask,
     query_job,
@@ -151,6 +152,7 @@ def run_precompute(
     stats = PrecomputeStats()
     with Loader(default_workers() if workers is None else workers) as loader:
         plan, sizes = _plan_sizes(loader, dataset, plan, patch, faults, report)
+        cached = {i for q in plan.queries for i in q.episodes if writer.has_vvp(i)}  # read before the writes start
         fixed = None if auto else int(batch_size)
         per_size: BatchSize = (lambda size: auto_batch_size(clip, size)) if fixed is None else (lambda size: fixed)
         schedule = plan_schedule(episodes, plan, sizes, per_size, _Pending(writer, faults.dropped),
@@ -167,7 +169,7 @@ def run_precompute(
                     release_freed_memory()  # keep the resident set flat across chunks (see clipprior/_memory.py)
                 if step.skipped_images:
                     report("query", step.skipped_images)
-                stats.skipped_vvp += sum(1 for i in step.episodes if writer.has_vvp(i))
+                stats.skipped_vvp += len(cached.intersection(step.episodes))
                 report("episode", len(step.episodes))
     stats.dropped = sorted(faults.dropped)
     stats.problems = faults.report
@@ -188,7 +190,7 @@ def _plan_sizes(loader: Loader, dataset: Dataset, plan: WorkPlan, patch: int, fa
 
     def size(path: str) -> tuple[int, int] | DatasetError:
         try:
-            return resized_size(dataset, path, patch)
+            return _guarded(lambda: resized_size(dataset, path, patch), path)
         except DatasetError as err:
             return err
 
