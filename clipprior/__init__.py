@@ -58,10 +58,13 @@ if TYPE_CHECKING:
     )
     from clipprior.evaluate import (
         ClipEsMeter,
+        FoldResult,
         PriorMeter,
         PriorScores,
         average_precision,
         binary_iou,
+        evaluate_clip_es,
+        evaluate_fold,
         vvp_map,
     )
     from clipprior.model import (
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
         load_clip,
     )
     from clipprior.photos import (
+        demo_panel,
         list_photos,
         load_photo,
     )
@@ -118,6 +122,7 @@ _LAZY: dict[str, str] = {
     "EpisodeRecord": "clipprior.cache",
     "EpisodeSampler": "clipprior.training",
     "FSSDataset": "clipprior.data",
+    "FoldResult": "clipprior.evaluate",
     "PASCAL_CLASSES": "clipprior.data",
     "PIRResult": "clipprior.priors",
     "PriorCache": "clipprior.cache",
@@ -132,8 +137,11 @@ _LAZY: dict[str, str] = {
     "box_mask": "clipprior.priors",
     "compute_priors": "clipprior.priors",
     "encode_text": "clipprior.priors",
+    "evaluate_clip_es": "clipprior.evaluate",
+    "evaluate_fold": "clipprior.evaluate",
     "episode_panel": "clipprior.viz",
     "dataset_names": "clipprior.data",
+    "demo_panel": "clipprior.photos",
     "fold_classes": "clipprior.data",
     "get_dataset": "clipprior.data",
     "letterbox_prior": "clipprior.cache",
@@ -183,6 +191,7 @@ __all__ = [
     "EpisodeRecord",
     "EpisodeSampler",
     "FSSDataset",
+    "FoldResult",
     "InvalidInputError",
     "ModelLoadError",
     "PIRResult",
@@ -201,8 +210,11 @@ __all__ = [
     "box_mask",
     "compute_priors",
     "dataset_names",
+    "demo_panel",
     "encode_text",
     "episode_panel",
+    "evaluate_clip_es",
+    "evaluate_fold",
     "fold_classes",
     "get_dataset",
     "get_preset",

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clipprior.cli.demo import DEMO_EPISODES, demo_panel
 from clipprior.cli.main import app
 from clipprior.model import load_clip
+from clipprior.photos import DEMO_EPISODES, demo_panel
 
 
 def test_demo_writes_a_valid_panel_png_of_the_expected_size(tiny_clip_dir: Path, tmp_path: Path) -> None:

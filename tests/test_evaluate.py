@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import clipprior.evaluate as ev
+import clipprior.evaluate.metrics as ev
 from clipprior.errors import InvalidInputError
 from clipprior.evaluate import (
     ClipEsMeter,

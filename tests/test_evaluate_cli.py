@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from clipprior.cache import CacheWriter
-from clipprior.cli.evaluate import read_image_list
 from clipprior.cli.main import app
 from clipprior.data import load_label
 from clipprior.data.synthetic import write_synthetic
+from clipprior.evaluate import read_image_list
 from tests._synthetic_priors import expected_scores, make_synthetic_cache
 
 

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from clipprior.cli._cache_data import parse_episode_spec
 from clipprior.cli.main import app
+from clipprior.cli.show import parse_episode_spec
 from clipprior.errors import InvalidInputError
 from tests._browser import check_page_in_chromium
 from tests._synthetic_priors import make_synthetic_cache

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipprior.cache import PriorCache
-from clipprior.cli._cache_data import PRIOR_TITLES, CacheFacts, cache_facts, load_episode, resolve_data_root
 from clipprior.cli._common import (
     command,
     console,
@@ -28,106 +25,30 @@ from clipprior.cli._common import (
     model_option,
     preset_option,
 )
-from clipprior.data import class_names, dataset_name, load_label, num_classes
-from clipprior.data.layout import to_id
-from clipprior.data.specs import DEFAULT_DATASET, get_dataset
-from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError
+from clipprior.data import class_names, dataset_name, num_classes
+from clipprior.data.specs import DEFAULT_DATASET
+from clipprior.errors import DataNotFoundError, DatasetError
 from clipprior.evaluate import (
     CLIP_ES_REFERENCE,
-    DEFAULT_THRESHOLDS,
     PRIOR_KINDS,
-    ClipEsMeter,
+    PRIOR_TITLES,
+    CachedCams,
     ClipEsScores,
-    PriorMeter,
-    PriorScores,
+    FoldResult,
+    ModelCams,
+    cache_facts,
+    cache_image_pairs,
+    evaluate_clip_es,
+    evaluate_fold,
     mean_over_folds,
+    read_image_list,
+    resolve_data_root,
 )
 
-__all__ = ["FoldResult", "evaluate", "evaluate_clip_es", "evaluate_fold", "read_image_list"]
-
-ProgressFn = Callable[[int], None]
+__all__ = ["evaluate"]
 
 
-# --------------------------------------------------------------------------------------- FSS protocol
-
-
-@dataclass
-class FoldResult:
-    """The scores of one cache (one fold).
-
-    Attributes:
-        facts: What the cache says about itself.
-        scores: Prior kind -> :class:`PriorScores` (kinds without any cached map are absent).
-        missing_classes: Fold classes without any episode in the cache (left out of the means).
-    """
-
-    facts: CacheFacts
-    scores: dict[str, PriorScores]
-    missing_classes: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, per-class entries named."""
-        out: dict[str, Any] = {
-            "cache": str(self.facts.path), "dataset": self.facts.dataset, "fold": self.facts.fold,
-            "split": self.facts.split, "model": self.facts.model, "missing_classes": self.missing_classes,
-            "priors": {},
-        }
-        for kind, scores in self.scores.items():
-            d = scores.to_dict()
-            for cid, entry in d["per_class"].items():
-                entry["name"] = self.facts.class_name(int(cid))
-            out["priors"][kind] = d
-        return out
-
-
-def evaluate_fold(
-    cache: PriorCache,
-    root: Path,
-    *,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    fixed_threshold: float = 0.5,
-    limit: int | None = None,
-    on_episode: ProgressFn | None = None,
-) -> FoldResult:
-    """Score the cached VTP raw, VTP refined and VVP of every episode of a cache, the FSS way.
-
-    Ground truth: the query's label map from ``root``; ``label == class_id`` is the target, 255 is
-    ignored, other classes are background. Priors are compared at the label's (original) size.
-
-    Args:
-        cache: The prior cache of one fold.
-        root: The data root the cache was computed from.
-        thresholds: Thresholds of the IoUs.
-        fixed_threshold: The headline threshold.
-        limit: Score only the first ``limit`` episodes (a quick look).
-        on_episode: Called with the number of episodes done.
-
-    Returns:
-        The :class:`FoldResult`; means run over the fold's classes that have episodes.
-
-    Raises:
-        InvalidInputError: if the cache has no episode or its images do not match the data root.
-    """
-    facts = cache_facts(cache)
-    records = cache.episodes[:limit] if limit else cache.episodes
-    if not records:
-        raise InvalidInputError(f"{cache.path} has no episodes to evaluate")
-    meters = {k: PriorMeter(thresholds, fixed_threshold=fixed_threshold) for k in PRIOR_KINDS}
-    for done, record in enumerate(records, 1):
-        data = load_episode(cache, record, root, images=False)
-        for kind, prior in data.priors.items():
-            if prior is not None:
-                meters[kind].update(prior, data.label, record.class_id)
-        if on_episode is not None:
-            on_episode(done)
-    fold = facts.fold_classes()
-    seen = set(meters["vtp_raw"].classes)
-    missing = sorted(set(fold) - seen) if fold is not None else []
-    classes = sorted(set(fold) & seen) if fold is not None else sorted(seen)
-    if fold is not None and not classes:
-        raise InvalidInputError(f"no episode of {cache.path} has a class of {facts.label()} ({fold})")
-    scores = {k: m.result(classes=[c for c in classes if c in m.classes]) for k, m in meters.items() if len(m)}
-    return FoldResult(facts, scores, missing)
+# ----------------------------------------------------------------------------------------- tables
 
 
 def _pct(x: float) -> str:
@@ -188,141 +109,6 @@ def _mean_table(results: Sequence[FoldResult]) -> tuple[Table, dict[str, dict[st
         table.add_row(PRIOR_TITLES[kind], _pct(m["miou_fixed"]), _pct(m["miou_best"]), f"{m['best_threshold']:g}",
                       _pct(m["fbiou_fixed"]), _pct(m["fbiou_best"]), _pct(m["map"]))
     return table, means
-
-
-# ----------------------------------------------------------------------------------- CLIP-ES protocol
-
-
-def read_image_list(path: Path, dataset: str, split: str) -> list[tuple[str, str]]:
-    """(image id, label id) pairs from a list file.
-
-    Each non-empty line is a VOC-style stem (``2007_000032``), an image path, or an ``image label``
-    pair as in the FSS trainers' lists; paths are mapped onto the dataset layout.
-
-    Args:
-        path: The list file.
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
-        split: Split whose folders stems refer to.
-
-    Returns:
-        The pairs, in file order.
-
-    Raises:
-        DataNotFoundError: if the file does not exist.
-        DatasetError: for a path outside the dataset's layout.
-    """
-    if not path.is_file():
-        raise DataNotFoundError(f"image list {path} does not exist")
-    layout = get_dataset(dataset).layout
-    pairs: list[tuple[str, str]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) >= 2:
-            pairs.append((to_id(parts[0], dataset, "image"), to_id(parts[1], dataset, "label")))
-        elif "/" in parts[0] or "." in parts[0]:
-            image = to_id(parts[0], dataset, "image")
-            stem = Path(image).stem
-            pairs.append((image, layout.label_id(split, stem)))
-        else:
-            pairs.append((layout.image_id(split, parts[0]), layout.label_id(split, parts[0])))
-    return pairs
-
-
-class _CachedCams:
-    """CAMs of every ground-truth class of an image, from a prior cache."""
-
-    def __init__(self, cache: PriorCache) -> None:
-        self.cache = cache
-
-    def __call__(self, image: str, root: Path, label: np.ndarray, classes: list[int]) -> dict[str, dict[int, Any]]:
-        out: dict[str, dict[int, Any]] = {"vtp_raw": {}, "vtp_refined": {}}
-        for c in classes:
-            for kind, refined in (("vtp_raw", False), ("vtp_refined", True)):
-                out[kind][c] = self.cache.vtp(image, c, refined=refined, size=tuple(label.shape))
-        return out
-
-
-class _ModelCams:
-    """CAMs of every ground-truth class of an image, computed with CLIP (one pass per image)."""
-
-    def __init__(self, bundle: Any, dataset: str, config: Any) -> None:
-        from clipprior.data import prompt_names
-
-        self.bundle, self.config = bundle, config
-        self.names = prompt_names(dataset)
-
-    def __call__(self, image: str, root: Path, label: np.ndarray, classes: list[int]) -> dict[str, dict[int, Any]]:
-        from clipprior.data import load_rgb
-        from clipprior.preprocess import normalize, resize_to_patch_multiple
-        from clipprior.priors import pir, resize_maps, vtp
-
-        if not classes:
-            return {"vtp_raw": {}, "vtp_refined": {}}
-        rgb = load_rgb(root / image)
-        pixels = normalize(resize_to_patch_multiple(rgb, self.bundle.patch_size, self.config.vtp_resample), "clip")
-        names = [self.names[c - 1] for c in classes]
-        context = [[n for n in names if n != name] for name in names]  # every GT class joins the softmax
-        out = vtp(self.bundle, pixels[None], names, image_index=[0] * len(names), context=context,
-                  config=self.config, return_attention=True)
-        refined = pir(out.cam, out.attention, config=self.config).refined
-        size = tuple(label.shape)
-        raw_full, refined_full = resize_maps(out.cam, size), resize_maps(refined, size)
-        return {
-            "vtp_raw": {c: raw_full[i] for i, c in enumerate(classes)},
-            "vtp_refined": {c: refined_full[i] for i, c in enumerate(classes)},
-        }
-
-
-def evaluate_clip_es(
-    pairs: Sequence[tuple[str, str]],
-    root: Path,
-    cams: Callable[[str, Path, np.ndarray, list[int]], dict[str, dict[int, Any]]],
-    *,
-    n_classes: int,
-    bg_powers: Sequence[float] = (1.0, 2.0),
-    skip_missing: bool = False,
-    on_image: ProgressFn | None = None,
-) -> tuple[dict[str, dict[float, ClipEsScores]], int]:
-    """The CLIP-ES protocol over a list of images, for raw and refined VTP.
-
-    Args:
-        pairs: (image id, label id) pairs relative to ``root``.
-        root: Data root.
-        cams: Gives, for an image, its label and its ground-truth classes, ``{"vtp_raw": {c: (H, W)},
-            "vtp_refined": {...}}``.
-        n_classes: Classes including the background (21 for VOC).
-        bg_powers: Exponents ``t`` of the background ``(1 - max) ** t``.
-        skip_missing: Skip images with a missing cached CAM instead of failing.
-        on_image: Called with the number of images done.
-
-    Returns:
-        ``{kind: {t: scores}}`` and the number of skipped images.
-
-    Raises:
-        CacheKeyError: for a missing cached CAM (unless ``skip_missing``).
-    """
-    meters = {kind: ClipEsMeter(n_classes, bg_powers=bg_powers) for kind in ("vtp_raw", "vtp_refined")}
-    skipped = 0
-    for done, (image, label_id) in enumerate(pairs, 1):
-        label = load_label(root / label_id)
-        classes = sorted(int(v) for v in np.unique(label) if 0 < int(v) < n_classes)
-        try:
-            maps = cams(image, root, label, classes)
-        except CacheKeyError as err:
-            if not skip_missing:
-                raise CacheKeyError(
-                    f"{err}. The CLIP-ES protocol needs the VTP of every ground-truth class of every image: "
-                    "precompute them, compute them here with --model, or pass --skip-missing"
-                ) from err
-            skipped += 1
-        else:
-            for kind, meter in meters.items():
-                meter.update(maps[kind], label)
-        if on_image is not None:
-            on_image(done)
-    return {kind: m.result() for kind, m in meters.items()}, skipped
 
 
 def _clip_es_table(results: dict[str, dict[float, ClipEsScores]], images: int, skipped: int) -> Table:
@@ -463,11 +249,7 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
     if list_file is not None:
         pairs = read_image_list(list_file, name, split)
     elif cache is not None:
-        labels = {e.query: e.query_label for e in cache.episodes}
-        for e in cache.episodes:
-            labels.update(zip(e.supports, e.support_labels, strict=True))
-        keys = sorted({k for k, _ in cache.vtp_keys()})
-        pairs = [(k, labels.get(k) or get_dataset(name).layout.label_id(split, Path(k).stem)) for k in keys]
+        pairs = cache_image_pairs(cache, name, split)
     else:
         raise click.UsageError("pass --list with the images to score (e.g. VOC's ImageSets/Segmentation/train.txt)")
     if limit:
@@ -475,7 +257,7 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
     if not pairs:
         raise DatasetError("no image to score: the list or cache is empty")
     if cache is not None and model is None:
-        source: Any = _CachedCams(cache)
+        source: Any = CachedCams(cache)
         source_name = str(cache.path)
     else:
         from clipprior.config import get_preset
@@ -483,7 +265,7 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
 
         with console.status(f"Loading CLIP from {model} ..."):
             bundle = load_clip(str(model), device=device, dtype=dtype)
-        source, source_name = _ModelCams(bundle, name, get_preset(preset)), bundle.source
+        source, source_name = ModelCams(bundle, name, get_preset(preset)), bundle.source
     n_classes = num_classes(name) + 1
     with _progress("clip-es") as progress:
         task = progress.add_task("images", total=len(pairs))

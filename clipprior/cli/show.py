@@ -10,21 +10,69 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clipprior.cache import PriorCache
-from clipprior.cli._cache_data import (
+from clipprior.cli._common import command, console, debug_option, handle_errors
+from clipprior.errors import InvalidInputError
+from clipprior.evaluate import (
+    PRIOR_KINDS,
     PRIOR_TITLES,
     EpisodeData,
+    PriorMeter,
+    binary_iou,
     cache_facts,
     load_episode,
-    parse_episode_spec,
     resolve_data_root,
 )
-from clipprior.cli._common import command, console, debug_option, handle_errors
-from clipprior.evaluate import PRIOR_KINDS, PriorMeter, binary_iou
 from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, write_html_index
 
-__all__ = ["show"]
+__all__ = ["parse_episode_spec", "show"]
 
 _PANEL_ORDER = ("vvp", "vtp_raw", "vtp_refined")  # Fig. 4: VVP, then VTP raw and refined
+
+
+def parse_episode_spec(spec: str, available: list[int]) -> list[int]:
+    """Episode indices from ``"0,5,10-20"``, ``"all"`` or ``":8"`` (the first eight).
+
+    Args:
+        spec: Comma-separated indices and inclusive ranges, ``all``, or ``:N``.
+        available: Indices present in the cache, ascending.
+
+    Returns:
+        The selected indices, in the order given, without duplicates.
+
+    Raises:
+        InvalidInputError: on a malformed spec or indices the cache does not have.
+
+    Example:
+        >>> parse_episode_spec("3,0-1,3", [0, 1, 2, 3])
+        [3, 0, 1]
+    """
+    text = spec.strip().lower()
+    if text == "all":
+        return list(available)
+    if text.startswith(":"):
+        try:
+            return list(available[: int(text[1:])])
+        except ValueError:
+            raise InvalidInputError(f"--episodes {spec!r}: ':N' needs an integer N") from None
+    chosen: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                chosen.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                chosen.append(int(part))
+        except ValueError:
+            raise InvalidInputError(
+                f"--episodes {spec!r}: use indices and ranges such as '0,5,10-20', ':8' or 'all'"
+            ) from None
+    have = set(available)
+    missing = [i for i in chosen if i not in have]
+    if missing:
+        span = f"{available[0]}..{available[-1]}" if available else "none"
+        raise InvalidInputError(f"episode(s) {missing[:10]} are not in the cache (it has {len(available)}: {span})")
+    return list(dict.fromkeys(chosen))
 
 
 def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, threshold: float) -> Image.Image:

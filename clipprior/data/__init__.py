@@ -29,6 +29,8 @@ from clipprior.data.classes import (
     dataset_name,
     fold_classes,
     num_classes,
+    present_classes,
+    present_names,
     prompt_names,
 )
 from clipprior.data.coco import CocoMaskStats, OptionalDependencyError, coco_to_masks
@@ -94,6 +96,8 @@ __all__ = [
     "load_rgb",
     "num_classes",
     "open_dataset",
+    "present_classes",
+    "present_names",
     "prompt_names",
     "read_episodes",
     "read_fss_lists",

@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from clipprior.data.specs import (
     COCO_CLASSES,
     COCO_PROMPT_NAMES,
@@ -55,6 +57,8 @@ __all__ = [
     "dataset_name",
     "fold_classes",
     "num_classes",
+    "present_classes",
+    "present_names",
     "prompt_names",
 ]
 
@@ -237,3 +241,34 @@ def prompt_names(dataset: str, overrides: NameOverrides | None = None) -> list[s
     if any(not v.strip() for v in values):
         raise InvalidInputError("class-name overrides contain an empty name")
     return values
+
+
+def present_classes(label: np.ndarray, num_classes: int) -> list[int]:
+    """Class ids ``1..num_classes`` present in a label map (any pixel count), ascending.
+
+    0 (background), 255 (ignore) and any other value outside the range are left out.
+
+    Example:
+        >>> present_classes(np.array([[0, 3], [255, 1]], np.uint8), 20)
+        [1, 3]
+    """
+    values = np.unique(np.asarray(label))
+    return [int(v) for v in values if 1 <= int(v) <= num_classes]
+
+
+def present_names(label: np.ndarray, target: int, class_names: Sequence[str]) -> list[str]:
+    """Prompt names of the classes other than ``target`` present in a label map, by class id.
+
+    The official "present" softmax context (``PriorConfig.text_classes == "present"``): every
+    class of the query's ground truth joins the target's softmax.
+
+    Args:
+        label: (H, W) label map.
+        target: The episode's class (left out).
+        class_names: Prompt name of class id c at index c - 1.
+
+    Example:
+        >>> present_names(np.array([[0, 3], [15, 1]], np.uint8), 3, prompt_names("pascal5i"))
+        ['aeroplane', 'person with clothes,people,human']
+    """
+    return [class_names[c - 1] for c in present_classes(label, len(class_names)) if c != target]

@@ -1,4 +1,16 @@
-"""What ``show`` and ``evaluate`` share: a cache's facts, its data root, ground truth and priors per episode."""
+"""Cached episodes with their ground truth, at the label's size (what ``show`` and ``evaluate`` read).
+
+A cache's facts (dataset, fold, model, data root), and per episode the priors next to the query's
+label and pictures.
+
+Example:
+    >>> from clipprior.cache import PriorCache  # doctest: +SKIP
+    >>> cache = PriorCache("priors.h5")  # doctest: +SKIP
+    >>> facts = cache_facts(cache)  # doctest: +SKIP
+    >>> data = load_episode(cache, cache.episodes[0], resolve_data_root(None, facts))  # doctest: +SKIP
+    >>> data.priors["vtp_refined"].shape == data.label.shape  # doctest: +SKIP
+    True
+"""
 
 from __future__ import annotations
 
@@ -11,10 +23,10 @@ import numpy as np
 from clipprior.cache import EpisodeRecord, PriorCache
 from clipprior.data import class_names, dataset_name, fold_classes, load_label, load_rgb
 from clipprior.errors import DataNotFoundError, InvalidInputError
-from clipprior.evaluate import vvp_map
+from clipprior.evaluate.metrics import vvp_map
 from clipprior.viz import resize_map
 
-__all__ = ["CacheFacts", "EpisodeData", "cache_facts", "load_episode", "parse_episode_spec", "resolve_data_root"]
+__all__ = ["PRIOR_TITLES", "CacheFacts", "EpisodeData", "cache_facts", "load_episode", "resolve_data_root"]
 
 #: Display names of the three priors, in table order.
 PRIOR_TITLES: dict[str, str] = {"vtp_raw": "VTP raw", "vtp_refined": "VTP refined", "vvp": "VVP"}
@@ -102,52 +114,6 @@ def resolve_data_root(option: Path | None, facts: CacheFacts) -> Path:
     if not root.is_dir():
         raise DataNotFoundError(f"data root {root} is not a directory; pass --data-root with the dataset folder")
     return root
-
-
-def parse_episode_spec(spec: str, available: list[int]) -> list[int]:
-    """Episode indices from ``"0,5,10-20"``, ``"all"`` or ``":8"`` (the first eight).
-
-    Args:
-        spec: Comma-separated indices and inclusive ranges, ``all``, or ``:N``.
-        available: Indices present in the cache, ascending.
-
-    Returns:
-        The selected indices, in the order given, without duplicates.
-
-    Raises:
-        InvalidInputError: on a malformed spec or indices the cache does not have.
-
-    Example:
-        >>> parse_episode_spec("3,0-1,3", [0, 1, 2, 3])
-        [3, 0, 1]
-    """
-    text = spec.strip().lower()
-    if text == "all":
-        return list(available)
-    if text.startswith(":"):
-        try:
-            return list(available[: int(text[1:])])
-        except ValueError:
-            raise InvalidInputError(f"--episodes {spec!r}: ':N' needs an integer N") from None
-    chosen: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                chosen.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                chosen.append(int(part))
-        except ValueError:
-            raise InvalidInputError(
-                f"--episodes {spec!r}: use indices and ranges such as '0,5,10-20', ':8' or 'all'"
-            ) from None
-    have = set(available)
-    missing = [i for i in chosen if i not in have]
-    if missing:
-        span = f"{available[0]}..{available[-1]}" if available else "none"
-        raise InvalidInputError(f"episode(s) {missing[:10]} are not in the cache (it has {len(available)}: {span})")
-    return list(dict.fromkeys(chosen))
 
 
 @dataclass
