@@ -165,6 +165,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' own "Loading weights" bar for this load only (hub download bars stay)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf_directory(path: Path, attn_implementation: str | None) -> tuple[CLIPModel, CLIPTokenizer, str]:
     weights = [path / name for name in _HF_WEIGHT_FILES if (path / name).is_file()]
     if not weights:
@@ -183,9 +197,10 @@ def _load_hf_directory(path: Path, attn_implementation: str | None) -> tuple[CLI
             f"{str(path)!r} holds {found}, not a CLIPModel; pass a directory saved with CLIPModel.save_pretrained"
         )
     try:
-        model, info = CLIPModel.from_pretrained(
-            path, attn_implementation=attn_implementation, output_loading_info=True
-        )
+        with _quiet_loading():
+            model, info = CLIPModel.from_pretrained(
+                path, attn_implementation=attn_implementation, output_loading_info=True
+            )
     except Exception as err:  # corrupt weight files raise torch, safetensors and pickle errors alike
         raise ModelLoadError(f"could not load a CLIPModel from {str(path)!r}: {err}") from err
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
@@ -269,7 +284,8 @@ def _load_hub(name: str, attn_implementation: str | None, local_files_only: bool
         kwargs["local_files_only"] = local_files_only
     try:
         with _hub_offline(bool(local_files_only)):
-            model = CLIPModel.from_pretrained(name, **kwargs)
+            with _quiet_loading():
+                model = CLIPModel.from_pretrained(name, **kwargs)
             tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=bool(local_files_only))
     except OSError as err:
         raise WeightsNotFoundError(

@@ -35,7 +35,8 @@ __all__ = [
     "vvp_inputs",
 ]
 
-ImageLike = Image.Image | np.ndarray
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+"""An image: a PIL image (any mode), an (H, W[, 1|3|4]) array, or a (3, H, W) / (H, W, 3) tensor."""
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -45,10 +46,11 @@ _RESAMPLE = {
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
-    """Any PIL image or array as an (H, W, 3) uint8 RGB array.
+    """Any image (:data:`ImageLike`) as an (H, W, 3) uint8 RGB array: the one RGB converter.
 
     Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are converted. Arrays may be
-    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 (or float in [0, 1]).
+    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 (or float in [0, 1]); tensors the same, or
+    channels-first (1 or 3, H, W).
 
     Raises:
         InvalidInputError: for other shapes or dtypes, or non-finite float pixels.
@@ -65,6 +67,11 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
         if image.mode != "RGB":
             image = image.convert("RGB")
         return np.asarray(image, dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().to("cpu")
+        if tensor.ndim == 3 and tensor.shape[0] in (1, 3) and tensor.shape[-1] not in (1, 3, 4):
+            tensor = tensor.permute(1, 2, 0)
+        image = tensor.numpy()
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]

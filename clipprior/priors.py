@@ -721,7 +721,6 @@ def _last_layer_per_image(layer: torch.nn.Module, hidden: torch.Tensor, pair_out
     """Last-layer output per image, reusing the pair rows and running the layer for images without pairs."""
     batch = hidden.shape[0]
     result = torch.empty_like(hidden)
-    seen = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
     first = torch.full((batch,), -1, dtype=torch.long, device=hidden.device)
     for p in range(index.numel() - 1, -1, -1):
         first[index[p]] = p

@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from clipprior._resize import resize_bilinear
 from clipprior.errors import InvalidInputError
+from clipprior.preprocess import ImageLike, to_rgb_array
 
 __all__ = [
     "COLORMAPS",
@@ -47,12 +48,10 @@ __all__ = [
     "mask_contour",
     "mask_overlay",
     "resize_map",
-    "to_rgb",
     "write_html_index",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
-ImageLike = np.ndarray | torch.Tensor | Image.Image
 
 BACKGROUND = (255, 255, 255)
 TEXT = (34, 34, 34)
@@ -130,43 +129,6 @@ def _as_map(values: ArrayLike, name: str = "map") -> np.ndarray:
     return arr
 
 
-def to_rgb(image: ImageLike) -> np.ndarray:
-    """Any image as an (H, W, 3) uint8 array.
-
-    Args:
-        image: PIL image (any mode), (H, W) or (H, W, 3|4) uint8 / float-in-[0, 1] array, or a
-            (3, H, W) float tensor in [0, 1].
-
-    Returns:
-        (H, W, 3) uint8 array.
-
-    Raises:
-        InvalidInputError: for other shapes.
-
-    Example:
-        >>> to_rgb(np.zeros((2, 3), np.uint8)).shape
-        (2, 3, 3)
-    """
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        t = image.detach().to("cpu")
-        if t.ndim == 3 and t.shape[0] in (1, 3):
-            t = t.permute(1, 2, 0)
-        image = t.numpy()
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
-        arr = np.clip(np.nan_to_num(arr.astype(np.float64)) * scale, 0, 255).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise InvalidInputError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {tuple(arr.shape)}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3])
-
-
 def resize_map(values: ArrayLike, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D map (align_corners=False, as the prior code resizes priors).
 
@@ -220,7 +182,7 @@ def heatmap_overlay(
     """Blend a colour-mapped prior over an image (the prior is resized to the image first).
 
     Args:
-        image: The image (anything :func:`to_rgb` takes), (H, W, 3).
+        image: The image (anything :func:`~clipprior.preprocess.to_rgb_array` takes), (H, W, 3).
         values: (h, w) prior map, any resolution.
         alpha: Weight of the heat-map colours (0: image only, 1: heat map only).
         cmap: Colormap name.
@@ -239,7 +201,7 @@ def heatmap_overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise InvalidInputError(f"alpha={alpha} must be in [0, 1]")
-    rgb = to_rgb(image)
+    rgb = to_rgb_array(image)
     heat = colorize(resize_map(values, rgb.shape[:2]), cmap, vmin=vmin, vmax=vmax)
     out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat.astype(np.float32)
     return np.clip(out.round(), 0, 255).astype(np.uint8)
@@ -295,7 +257,7 @@ def mask_overlay(
         >>> mask_overlay(img, m, alpha=1.0, contour_width=0)[0, 0].tolist()
         [0, 200, 255]
     """
-    rgb = to_rgb(image).astype(np.float32)
+    rgb = to_rgb_array(image).astype(np.float32)
     m = _as_map(mask, "mask") > 0.5
     if m.shape != rgb.shape[:2]:
         raise InvalidInputError(f"mask has shape {m.shape} but the image is {rgb.shape[:2]}; resize it (nearest)")
@@ -403,7 +365,7 @@ class Tile:
     """One titled picture of a panel.
 
     Attributes:
-        image: The picture, anything :func:`to_rgb` takes.
+        image: The picture, anything :func:`~clipprior.preprocess.to_rgb_array` takes.
         title: Bold-ish first line above the picture.
         subtitle: Optional second line (e.g. an IoU) in grey.
     """
@@ -414,7 +376,7 @@ class Tile:
 
 
 def _scaled(image: ImageLike, height: int) -> Image.Image:
-    img = Image.fromarray(to_rgb(image))
+    img = Image.fromarray(to_rgb_array(image))
     width = max(1, round(img.width * height / img.height))
     return img.resize((width, height), Image.BICUBIC) if img.size != (width, height) else img
 
@@ -583,7 +545,7 @@ def episode_row(
     """
     if support_masks and len(support_masks) != len(supports):
         raise InvalidInputError(f"{len(supports)} supports but {len(support_masks)} support masks")
-    rgb = to_rgb(query)
+    rgb = to_rgb_array(query)
     target = valid = ignore = None
     if query_mask is not None:
         gt = _as_map(query_mask, "query_mask")
@@ -604,7 +566,7 @@ def episode_row(
         )
     ]
     for i, support in enumerate(supports):
-        s_rgb = to_rgb(support)
+        s_rgb = to_rgb_array(support)
         image = mask_overlay(s_rgb, support_masks[i]) if support_masks else s_rgb
         name = f"Support {i + 1}" if len(supports) > 1 else "Support"
         tiles.append(Tile(image, name, "mask" if support_masks else None))

@@ -156,3 +156,14 @@ def test_check_finite_names_the_tensor() -> None:
         check_finite("supports", [torch.zeros(2), torch.tensor([1.0, float("-inf")])])
     with pytest.raises(InvalidInputError, match=r"query contains NaN"):
         check_finite("query", torch.tensor([float("nan")], dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("layout", ["chw", "hwc"])
+def test_to_rgb_array_takes_tensors_in_either_layout(layout: str) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(rgb.astype(np.float32) / 255)
+    if layout == "chw":
+        tensor = tensor.permute(2, 0, 1)
+    np.testing.assert_array_equal(to_rgb_array(tensor), rgb)
+    gray = torch.full((1, 4, 6), 0.5)
+    assert to_rgb_array(gray).shape == (4, 6, 3) and int(to_rgb_array(gray)[0, 0, 0]) == 128

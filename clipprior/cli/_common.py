@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +20,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,8 +33,10 @@ from clipprior.errors import ClipPriorError
 
 __all__ = [
     "CONTEXT_SETTINGS",
+    "PROGRESS_INTERVAL_ENV",
     "Command",
     "Group",
+    "ProgressDisplay",
     "command",
     "console",
     "dataset_option",
@@ -43,6 +50,8 @@ __all__ = [
     "keep_examples",
     "model_option",
     "preset_option",
+    "progress_bar",
+    "writing",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -220,35 +229,188 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class RateColumn(ProgressColumn):
-    """Items per second of a progress task (blank until measurable)."""
+PROGRESS_INTERVAL_ENV = "CLIPPRIOR_PROGRESS_INTERVAL"
+"""Environment variable: seconds between plain progress lines when the output is not a terminal."""
 
-    def render(self, task: Task) -> Text:
-        """Render the task's speed."""
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.2f}/s", style="progress.data.speed")
+DEFAULT_PROGRESS_INTERVAL = 10.0
+MIN_RATE_SECONDS = 1.0
+"""No rate is shown before a task has run this long (a resumed run's instant counts are not a rate)."""
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+@dataclass
+class _Task:
+    label: str
+    done: int = 0
+    total: int | None = None
+    start: float | None = None
+    rich_id: TaskID | None = None
+
+    def rate(self, now: float) -> float | None:
+        if self.start is None or now - self.start < MIN_RATE_SECONDS or self.done <= 0:
+            return None
+        return self.done / (now - self.start)
+
+    def line(self, now: float) -> str:
+        total = "?" if self.total is None else f"{self.total:,}"
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        rate = self.rate(now)
+        speed = "" if rate is None else f", {rate:,.2f}/s"
+        eta = ""
+        if rate and self.total is not None:
+            eta = f", ETA {_duration(max(self.total - self.done, 0) / rate)}"
+        elapsed = _duration(now - self.start) if self.start is not None else "0:00:00"
+        return f"{self.label}: {self.done:,}/{total}{pct}{speed}, {elapsed} elapsed{eta}"
 
 
 @contextmanager
-def progress_bar(description: str, *, quiet: bool = False, transient: bool = False
-                 ) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (count, rate, elapsed, ETA) on stderr, driven by ``update(done, total)``.
+def writing(target: str | os.PathLike[str], option: str) -> Iterator[None]:
+    """Turn an OS error while writing ``target`` into one clean line that names the path and the fix.
 
     Args:
-        description: Label of the bar.
+        target: The file or folder being written.
+        option: The option that chose it (``"--out"``), named in the fix.
+
+    Raises:
+        click.ClickException: for any :class:`OSError` inside the block (read-only, full or missing
+            folder, a file where a folder should be).
+
+    Example:
+        >>> with writing("out.png", "--out"):  # doctest: +SKIP
+        ...     panel.save("out.png")
+    """
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or target
+        reason = (err.strerror or str(err)).lower()
+        raise click.ClickException(f"cannot write {where}: {reason}; pass {option} with a writable location") from err
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second of a task, blank during its first :data:`MIN_RATE_SECONDS`."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or elapsed < MIN_RATE_SECONDS or not task.completed:
+            return Text("")
+        return Text(f"{task.completed / elapsed:,.2f}/s", style="progress.data.speed")
+
+
+class ProgressDisplay:
+    """Counts of named tasks: rich bars on a terminal, plain lines at a steady interval otherwise.
+
+    A task shows up at its first :meth:`update` (never as an empty "0/?" bar before an error).
+    Without a terminal (a cluster job writing to a log), one line per started task is printed
+    every ``interval`` seconds and once at the end. Calling the display as ``display(done, total)``
+    updates its first task, so it can be passed as a library ``progress(done, total)`` callback.
+
+    Args:
+        tasks: Task labels, in display order (the keys of :meth:`update`).
+        console: Where to draw.
+        quiet: Draw nothing.
+        transient: Remove the bars when done (terminal only).
+        interval: Seconds between plain lines [default: ``$CLIPPRIOR_PROGRESS_INTERVAL`` or 10].
+        clock: Monotonic time source (tests pass a fake one).
+        terminal: Force (or refuse) the bars [default: whether ``console`` is a terminal].
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> with ProgressDisplay(["images"], console=Console(file=out), interval=0) as show:
+        ...     show.update("images", 1, 2)
+        >>> out.getvalue().splitlines()[0]
+        'images: 1/2 (50%), 0:00:00 elapsed'
+    """
+
+    def __init__(self, tasks: Sequence[str], *, console: Console, quiet: bool = False, transient: bool = False,
+                 interval: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 terminal: bool | None = None) -> None:
+        if not tasks:
+            raise ValueError("a progress display needs at least one task")
+        self.console, self.quiet, self.clock = console, quiet, clock
+        self.tasks = {label: _Task(label) for label in tasks}
+        self.first = next(iter(self.tasks))
+        if interval is None:
+            interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL))
+        self.interval = interval
+        self.terminal = console.is_terminal if terminal is None else terminal
+        self._bars: Progress | None = None
+        if not quiet and self.terminal:
+            width = max(len(label) for label in tasks)
+            self._bars = Progress(TextColumn(f"[bold]{{task.description:<{width}}}"), BarColumn(),
+                                  MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console, transient=transient)
+        self._last_lines: float | None = None
+        self._changed = False
+
+    def __enter__(self) -> ProgressDisplay:
+        if self._bars is not None:
+            self._bars.start()
+        self._last_lines = self.clock()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+        elif not self.quiet and exc_type is None and self._changed:
+            self._print_lines(self.clock())
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        """Update the first task: ``done`` of ``total`` (a library ``progress(done, total)`` callback)."""
+        self.update(self.first, done, total)
+
+    def update(self, label: str, done: int | None = None, total: int | None = None, *, advance: int = 0) -> None:
+        """Set a task's count (``done``) or add to it (``advance``), and its total if given."""
+        task = self.tasks[label]
+        now = self.clock()
+        if task.start is None:
+            task.start = now
+        if done is not None:
+            task.done = int(done)
+        task.done += int(advance)
+        if total is not None:
+            task.total = int(total)
+        self._changed = True
+        if self._bars is not None:
+            if task.rich_id is None:
+                task.rich_id = self._bars.add_task(label, total=task.total)
+            self._bars.update(task.rich_id, completed=task.done, total=task.total)
+        elif not self.quiet and self._last_lines is not None and now - self._last_lines >= self.interval:
+            self._print_lines(now)
+
+    def advance(self, label: str, n: int = 1) -> None:
+        """Add ``n`` to a task's count."""
+        self.update(label, advance=n)
+
+    def _print_lines(self, now: float) -> None:
+        for task in self.tasks.values():
+            if task.start is not None:
+                self.console.print(Text(task.line(now)), soft_wrap=True, highlight=False)
+        self._last_lines = now
+        self._changed = False
+
+
+@contextmanager
+def progress_bar(description: str, *, quiet: bool = False, transient: bool = False, console: Console | None = None,
+                 ) -> Iterator[ProgressDisplay]:
+    """One-task :class:`ProgressDisplay` on stderr, driven by ``update(done, total)``.
+
+    Args:
+        description: Label of the task.
         quiet: Draw nothing (e.g. when the command prints JSON).
         transient: Remove the bar when done.
+        console: Where to draw [default: stderr].
 
     Example:
         >>> with progress_bar("reading", quiet=True) as update:
         ...     update(1, 2)
     """
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=transient, disable=quiet) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    with ProgressDisplay([description], console=console or err_console, quiet=quiet, transient=transient) as display:
+        yield display

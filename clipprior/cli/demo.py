@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipprior.cli._common import (
+    ProgressDisplay,
     command,
     console,
     debug_option,
@@ -17,6 +17,7 @@ from clipprior.cli._common import (
     handle_errors,
     model_option,
     preset_option,
+    writing,
 )
 from clipprior.config import get_preset
 from clipprior.errors import WeightsNotFoundError
@@ -65,14 +66,13 @@ def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str,
                 f"them to the HuggingFace cache by itself; offline, run `clipprior demo --model PATH` with a "
                 f"directory saved by CLIPModel.save_pretrained or an OpenAI checkpoint (ViT-B-16.pt)."
             ) from err
-    progress = Progress(TextColumn("[bold]demo[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} episodes"),
-                        TimeElapsedColumn(), console=console, transient=True)
-    with progress:
-        task = progress.add_task("demo", total=len(DEMO_EPISODES))
+    with ProgressDisplay(["demo episodes"], console=console, transient=True) as progress:
+        progress(0, len(DEMO_EPISODES))
         panel, results = demo_panel(bundle, config=config, cmap=cmap, tile_height=tile_height,
-                                    on_episode=lambda _: progress.advance(task))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    panel.save(out)
+                                    on_episode=lambda i: progress(i + 1, len(DEMO_EPISODES)))
+    with writing(out, "--out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        panel.save(out)
     table = Table(title=f"IoU (%) at 0.5 against the hand-drawn query masks ({bundle.source})")
     for column in ("class", "query", "support", "VVP", "VTP raw", "VTP refined"):
         table.add_column(column, justify="right" if column.startswith("V") else "left")

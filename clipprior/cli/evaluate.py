@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipprior.cache import PriorCache
 from clipprior.cli._common import (
+    ProgressDisplay,
     command,
     console,
     dataset_option,
@@ -24,6 +24,7 @@ from clipprior.cli._common import (
     handle_errors,
     model_option,
     preset_option,
+    writing,
 )
 from clipprior.data import class_names, dataset_name, num_classes
 from clipprior.data.specs import DEFAULT_DATASET
@@ -129,27 +130,33 @@ def _clip_es_table(results: dict[str, dict[float, ClipEsScores]], images: int, s
 
 
 def _parse_thresholds(text: str) -> tuple[float, ...]:
+    """``--thresholds``: ``START:STOP:STEP`` or ``0.3,0.5``, every value in [0, 1] (as ``--threshold``)."""
+    usage = f"{text!r}: use 'START:STOP:STEP' (e.g. 0:1:0.05) or a list '0.3,0.5'"
     try:
         if ":" in text:
             lo, hi, step = (float(v) for v in text.split(":"))
+            if not step > 0:
+                raise click.BadParameter(f"{usage}; STEP must be positive", param_hint="'--thresholds'")
             n = round((hi - lo) / step)
-            if step <= 0 or n < 0 or n > 10000:
+            if n < 0 or n > 10000:
                 raise ValueError
-            return tuple(round(lo + i * step, 10) for i in range(n + 1))
-        return tuple(float(v) for v in text.split(",") if v.strip())
+            grid = tuple(round(lo + i * step, 10) for i in range(n + 1))
+        else:
+            grid = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r}: use 'START:STOP:STEP' (e.g. 0:1:0.05) or a list '0.3,0.5'") from None
-
-
-def _progress(label: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+        raise click.BadParameter(usage, param_hint="'--thresholds'") from None
+    bad = [t for t in grid if not 0.0 <= t <= 1.0]
+    if not grid or bad:
+        raise click.BadParameter(f"{text!r}: thresholds must lie in [0, 1] (found {bad[:3]})" if bad else usage,
+                                 param_hint="'--thresholds'")
+    return grid
 
 
 @command("evaluate")
 @click.argument("caches", metavar="[CACHE]...", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Dataset folder with the ground-truth masks (default: the one the cache records).")
+              help="Dataset folder with the ground-truth masks [default: the data_root of the cache's provenance, "
+                   "if it records one].")
 @click.option("--protocol", type=click.Choice(["fss", "clip-es"]), default="fss", show_default=True,
               help="fss: episodes' target class, per class and fold; clip-es: CAM mIoU over images, all GT classes.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -206,10 +213,9 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
             click.get_current_context().call_on_close(cache.close)
             root = resolve_data_root(data_root, cache_facts(cache))
             total = min(len(cache), limit) if limit else len(cache)
-            with _progress(path.name) as progress:
-                task = progress.add_task("episodes", total=total)
+            with ProgressDisplay([f"{path.name} episodes"], console=console, transient=True) as show:
                 result = evaluate_fold(cache, root, thresholds=grid, fixed_threshold=threshold, limit=limit,
-                                       on_episode=lambda n, task=task: progress.update(task, completed=n))
+                                       on_episode=lambda n, show=show, total=total: show(n, total))
             results.append(result)
             console.print(_fold_table(result))
             if per_class:
@@ -226,8 +232,9 @@ def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, th
         payload = _run_clip_es(caches, data_root, list_file, dataset, split, bg_powers, model, preset, skip_missing,
                                limit, device, dtype)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        with writing(json_path, "--json"):
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         console.print(f"Wrote [bold]{json_path}[/]")
 
 
@@ -267,11 +274,9 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
             bundle = load_clip(str(model), device=device, dtype=dtype)
         source, source_name = ModelCams(bundle, name, get_preset(preset)), bundle.source
     n_classes = num_classes(name) + 1
-    with _progress("clip-es") as progress:
-        task = progress.add_task("images", total=len(pairs))
+    with ProgressDisplay(["clip-es images"], console=console, transient=True) as show:
         results, skipped = evaluate_clip_es(pairs, root, source, n_classes=n_classes, bg_powers=bg_powers,
-                                            skip_missing=skip_missing,
-                                            on_image=lambda n: progress.update(task, completed=n))
+                                            skip_missing=skip_missing, on_image=lambda n: show(n, len(pairs)))
     console.print(_clip_es_table(results, len(pairs), skipped))
     console.print(f"[dim]CAMs from {source_name}. CLIP-ES reports 58.6 (its softmax Grad-CAM) and 70.8 (after its "
                   "attention refinement) with ViT-B/16 on the 1464 VOC 2012 train images.[/]")

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from clipprior.cli._common import (
-    RateColumn,
+    ProgressDisplay,
     command,
     console,
     dataset_option,
@@ -179,7 +178,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
         count = n_episodes or default_episodes(dataset)
         episodes = sample_episodes(data, count, shot=shot, seed=seed)
     if data.report:
-        console.print(f"[yellow]skipped {len(data.report)} broken entries:[/]\n{data.report.summary()}")
+        console.print(f"[yellow]{data.report.summary()}[/]", highlight=False)
     clip = load_clip(model, device=_torchrun_device(device), dtype=dtype)
     names = prompt_names(dataset)
     provenance = build_provenance(
@@ -190,22 +189,18 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     with CacheWriter(out, provenance, shard=shard_spec) as writer:
         if on_error == "raise":  # under skip the engine registers what it computes: dropped episodes stay out
             writer.set_episodes(episode_records(episodes))
-        columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as bar:
-            from clipprior.precompute import plan_work
+        from clipprior.precompute import plan_work
 
-            plan = plan_work(episodes, shard_spec)
-            n_eps = sum(len(q.episodes) for q in plan.queries)
-            tasks = {
-                "query": bar.add_task("queries", total=len(plan.queries)),
-                "support": bar.add_task("supports", total=len(plan.support_uses)),
-                "episode": bar.add_task("episodes", total=n_eps),
-            }
+        plan = plan_work(episodes, shard_spec)
+        labels = {"query": "queries", "support": "supports", "episode": "episodes"}
+        with ProgressDisplay(list(labels.values()), console=console) as show:
+            show.update("queries", 0, len(plan.queries))
+            show.update("supports", 0, len(plan.support_uses))
+            show.update("episodes", 0, sum(len(q.episodes) for q in plan.queries))
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
                                    batch_size=batch, workers=workers, shard=shard_spec, chunk_images=chunk_images,
                                    chunk_episodes=chunk_episodes, on_error=on_error,
-                                   progress=lambda kind, n: bar.advance(tasks[kind], n),
+                                   progress=lambda kind, n: show.advance(labels[kind], n),
                                    log=lambda line: console.print(f"[yellow]{line}[/]"))
         path = writer.finalize()
     if stats.problems:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import click
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clipprior.cache import PriorCache
-from clipprior.cli._common import command, console, debug_option, handle_errors
+from clipprior.cli._common import ProgressDisplay, command, console, debug_option, handle_errors, writing
 from clipprior.errors import InvalidInputError
 from clipprior.evaluate import (
     PRIOR_KINDS,
@@ -129,18 +128,19 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
         raise click.UsageError("no episode selected; the cache is empty or --episodes selects nothing")
     if out_dir is None:
         out_dir = html_dir / "episodes" if html_dir is not None else Path("clipprior-show")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_option = "--out" if html_dir is None or out_dir != html_dir / "episodes" else "--html"
+    with writing(out_dir, out_option):
+        out_dir.mkdir(parents=True, exist_ok=True)
     meters = {k: PriorMeter(thresholds=(threshold,), fixed_threshold=threshold) for k in PRIOR_KINDS}
     entries: list[HtmlEntry] = []
-    progress = Progress(TextColumn("[bold]show[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
-    with progress:
-        task = progress.add_task("episodes", total=len(chosen))
+    with ProgressDisplay(["show episodes"], console=console, transient=True) as progress:
+        progress(0, len(chosen))
         for index in chosen:
             data = load_episode(cache, records[index], root)
             name = facts.class_name(data.record.class_id)
             path = out_dir / f"episode_{index:05d}.png"
-            _panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
+            with writing(path, out_option):
+                _panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
             details = {"query": data.record.query.rsplit("/", 1)[-1]}
             for kind in _PANEL_ORDER:
                 prior = data.priors[kind]
@@ -151,7 +151,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
                 iou = binary_iou(prior, data.label == data.record.class_id, threshold, valid=valid)
                 details[PRIOR_TITLES[kind]] = f"{100 * iou:.1f}" if math.isfinite(iou) else "n/a"
             entries.append(HtmlEntry(path.resolve(), f"episode {index}: {name}", name, details))
-            progress.advance(task)
+            progress.advance("show episodes")
     console.print(f"Wrote {len(chosen)} panel(s) to [bold]{out_dir}[/]")
     if html_dir is not None:
         summary = [["prior", f"mIoU@{threshold:g} (%)", f"FB-IoU@{threshold:g} (%)", "mAP (%)", "episodes"]]
@@ -162,6 +162,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
                                 f"{100 * s.map:.1f}", str(s.episodes)])
         meta = {"cache": str(cache_path), "data": facts.label(), "model": facts.model or "?",
                 "scores": f"over the {len(chosen)} episodes shown, IoU@{threshold:g} per panel"}
-        page = write_html_index(html_dir, entries, title=f"clipprior priors: {facts.label()}", meta=meta,
-                                summary=summary)
+        with writing(html_dir, "--html"):
+            page = write_html_index(html_dir, entries, title=f"clipprior priors: {facts.label()}", meta=meta,
+                                    summary=summary)
         console.print(f"Wrote [bold]{page}[/]")

@@ -258,7 +258,7 @@ def sample_episodes(dataset: FSSDataset, n_episodes: int | None = None, shot: in
         if index == 0 and position > 0:
             if made_this_pass == 0:
                 raise DatasetError(f"no query of {dataset.name} fold {dataset.fold} {dataset.split} gives a "
-                                   f"{shot}-shot episode ({len(reported)} skipped); see the dataset's report")
+                                   f"{shot}-shot episode; {dataset.report.summary(max_lines=10)}")
             made_this_pass = 0
         position += 1
         image_id, label_id = items[index]
