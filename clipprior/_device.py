@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from clipprior.errors import InvalidInputError
@@ -9,7 +10,7 @@ from clipprior.errors import InvalidInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_NAMES", "DTYPE_NAMES", "dtype_name", "resolve_device", "resolve_dtype"]
+__all__ = ["DEVICE_NAMES", "DTYPE_NAMES", "dtype_name", "local_rank_device", "resolve_device", "resolve_dtype"]
 
 DTYPE_NAMES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 """The model dtypes, by their short names (the CLI's ``--dtype`` choices)."""
@@ -52,6 +53,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
     return dev
+
+
+def local_rank_device(device: str) -> str:
+    """Under torchrun (``LOCAL_RANK`` set), ``"auto"`` means this rank's GPU; any other name is kept.
+
+    Example:
+        >>> local_rank_device("cpu")
+        'cpu'
+    """
+    local = os.environ.get("LOCAL_RANK")
+    if device == "auto" and local is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local)}"
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -132,3 +132,21 @@ def test_fold_classes_rejects_bad_arguments(args, match):
 
 def test_dataset_aliases():
     assert dataset_name("PASCAL") == "pascal5i" and dataset_name("coco-20i") == "coco20i"
+
+
+def test_present_classes_names_and_support_masks_one_home() -> None:
+    import doctest
+
+    import clipprior.data.classes
+    import clipprior.data.images
+    import clipprior.data.specs
+    from clipprior.data import fss_mask, present_classes, present_names, prompt_names
+
+    label = np.array([[0, 3, 3], [15, 255, 21], [3, 0, 1]], np.uint8)
+    assert present_classes(label, 20) == [1, 3, 15]  # 0, 255 and 21 (outside 1..20) left out
+    names = prompt_names("pascal5i")
+    assert present_names(label, 3, names) == [names[0], names[14]]
+    assert fss_mask(label, 3).tolist() == [[0, 1, 1], [0, 255, 0], [1, 0, 0]]
+    for module in (clipprior.data.classes, clipprior.data.images, clipprior.data.specs):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -69,16 +68,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
     return Path(f"priors-{dataset}-fold{fold}-{split}-{shot}shot.h5")
-
-
-def _torchrun_device(device: str) -> str:
-    local = os.environ.get("LOCAL_RANK")
-    if device == "auto" and local is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{int(local)}"
-    return device
 
 
 @command("precompute")
@@ -149,6 +138,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
       torchrun --nproc-per-node 8 -m clipprior.cli.main precompute --dataset coco20i --fold 0 --split train ...
     """
     from clipprior import get_preset, load_clip
+    from clipprior._device import local_rank_device
     from clipprior.cache import CacheWriter, shard_from_environment
     from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
     from clipprior.precompute import build_provenance, episode_records, run_precompute
@@ -179,7 +169,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
         episodes = sample_episodes(data, count, shot=shot, seed=seed)
     if data.report:
         console.print(f"[yellow]{data.report.summary()}[/]", highlight=False)
-    clip = load_clip(model, device=_torchrun_device(device), dtype=dtype)
+    clip = load_clip(model, device=local_rank_device(device), dtype=dtype)
     names = prompt_names(dataset)
     provenance = build_provenance(
         clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),

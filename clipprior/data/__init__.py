@@ -44,7 +44,7 @@ from clipprior.data.episodes import (
     sample_episodes,
     write_episodes,
 )
-from clipprior.data.images import DataRoot, load_label, load_pair, load_rgb
+from clipprior.data.images import DataRoot, fss_mask, load_label, load_pair, load_rgb
 from clipprior.data.lists import (
     MIN_PIXELS,
     FssLists,
@@ -90,6 +90,7 @@ __all__ = [
     "dataset_names",
     "default_episodes",
     "fold_classes",
+    "fss_mask",
     "get_dataset",
     "load_label",
     "load_pair",

@@ -138,7 +138,7 @@ def fold_classes(dataset: str, fold: int, split: str = "val", coco_split: str = 
     """Class ids (1-based, ascending) of one fold: novel classes for ``"val"``, base classes for ``"train"``.
 
     Args:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         fold: 0..3.
         split: ``"val"`` (the fold's test classes) or ``"train"`` (every other class).
         coco_split: COCO only: ``"interleaved"`` (fold f tests 4k+f+1, the trainers' default) or
@@ -190,7 +190,7 @@ def prompt_names(dataset: str, overrides: NameOverrides | None = None) -> list[s
     """Prompt names of the official PI-CLIP code, optionally overridden; index 0 is class 1.
 
     Args:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         overrides: Replacements, any of: a mapping ``{class id (int or digit string) or canonical
             name or official prompt name: new name}``; a full sequence of names (one per class);
             or a path to a ``.json`` file (list or object as above) or a text file (one name a line,

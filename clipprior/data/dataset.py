@@ -49,7 +49,7 @@ class FSSDataset(DataRoot):
     ``image_size`` come from :class:`~clipprior.data.images.DataRoot`.
 
     Attributes:
-        name: ``"pascal5i"`` or ``"coco20i"``.
+        name: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         root: Absolute data root.
         fold: 0..3.
         split: ``"val"`` (novel classes) or ``"train"`` (base classes).
@@ -232,7 +232,7 @@ def open_dataset(name: str, root: str | os.PathLike[str], fold: int, split: str 
     """Open one fold and split of a benchmark.
 
     Args:
-        name: ``"pascal5i"`` or ``"coco20i"``.
+        name: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         root: Data root: the ``VOC2012`` folder (``JPEGImages/``, ``SegmentationClassAug/``) or the
             ``MSCOCO2014`` folder (``train2014/``, ``val2014/``, ``annotations/{train,val}2014/``).
         fold: 0..3.

@@ -133,7 +133,7 @@ class EpisodeMeta:
     """Header of an episode file: which episodes these are.
 
     Attributes:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         fold: 0..3.
         split: ``"val"`` or ``"train"``.
         shot: Supports per episode.

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipprior.errors import DataNotFoundError, DatasetError
 
-__all__ = ["DataRoot", "check_same_size", "image_size", "load_label", "load_pair", "load_rgb"]
+__all__ = ["DataRoot", "check_same_size", "fss_mask", "image_size", "load_label", "load_pair", "load_rgb"]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, UnidentifiedImageError, Image.DecompressionBombError)
 
@@ -213,3 +213,16 @@ class DataRoot:
     def image_size(self, key: str | os.PathLike[str]) -> tuple[int, int]:
         """(height, width) from the image's header."""
         return image_size(self.path(key))
+
+
+def fss_mask(label: np.ndarray, class_id: int) -> np.ndarray:
+    """A label map -> the few-shot mask of ``class_id``: 1 on the class, 255 where ignored, 0 elsewhere.
+
+    The binarisation of every support label (the episode's class is the foreground; the other
+    classes are background; the ignore value stays).
+
+    Example:
+        >>> fss_mask(np.array([[3, 7], [255, 0]], np.uint8), 7).tolist()
+        [[0, 1], [255, 0]]
+    """
+    return np.where(label == class_id, 1, np.where(label == 255, 255, 0)).astype(np.uint8)

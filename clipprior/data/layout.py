@@ -41,7 +41,7 @@ def to_id(path: str, dataset: str, kind: str) -> str:
 
     Args:
         path: The path as written in the list (any prefix, ``/`` or ``\`` separators).
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         kind: ``"image"`` or ``"label"``.
 
     Returns:

@@ -113,7 +113,7 @@ class FssLists:
     """One fold's lists for one split, as ids relative to the data root.
 
     Attributes:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         fold: 0..3.
         split: ``"val"`` or ``"train"``.
         classes: The fold's classes for the split (novel for val, base for train).
@@ -163,7 +163,7 @@ def read_data_list(path: str | os.PathLike[str], dataset: str, *, on_error: str 
 
     Args:
         path: File with one ``"image label"`` pair per line; blank lines are ignored.
-        dataset: ``"pascal5i"`` or ``"coco20i"`` (decides how paths are remapped).
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...) (decides how paths are remapped).
         on_error: ``"raise"`` on the first malformed line, or ``"skip"`` it and record it in ``report``.
         report: Where skipped lines are recorded.
 
@@ -207,7 +207,7 @@ def read_sub_class_file_list(path: str | os.PathLike[str], dataset: str, classes
 
     Args:
         path: The file: ``{class: [(image, label), ...], ...}``.
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         classes: When given, the file's keys must be exactly these classes (catches a list of
             another fold, split or COCO split).
         on_error: ``"raise"`` or ``"skip"`` for malformed or unmappable entries.
@@ -289,7 +289,7 @@ def read_fss_lists(list_root: str | os.PathLike[str], dataset: str, fold: int, s
 
     Args:
         list_root: See :func:`find_list_files`.
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         fold: 0..3.
         split: ``"val"`` or ``"train"``.
         coco_split: ``"interleaved"`` or ``"contiguous"`` (COCO only).
@@ -323,7 +323,7 @@ def base_items(dataset: str, root: str | os.PathLike[str], split: str, base_list
     """The whole-dataset list the fold lists are built from.
 
     Args:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         root: Data root.
         split: ``"val"`` or ``"train"``.
         base_list: An ``"image label"`` list (e.g. the trainers' ``lists/pascal/val.txt``,
@@ -353,7 +353,7 @@ def build_fss_lists(dataset: str, root: str | os.PathLike[str], split: str, fold
     """Build fold lists from the masks by the PFENet / BAM rule (every mask is read once for all folds).
 
     Args:
-        dataset: ``"pascal5i"`` or ``"coco20i"``.
+        dataset: a registered benchmark (``"pascal5i"``, ``"coco20i"``, ...).
         root: Data root (see :mod:`clipprior.data.layout`).
         split: ``"val"`` or ``"train"``.
         folds: Folds to build.

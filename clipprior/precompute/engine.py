@@ -18,6 +18,7 @@ import torch
 
 from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
+from clipprior.data.images import fss_mask
 from clipprior.errors import DatasetError, InvalidInputError
 from clipprior.model import ClipBundle
 from clipprior.precompute.load import (
@@ -28,7 +29,6 @@ from clipprior.precompute.load import (
     SupportBatch,
     _guarded,
     default_workers,
-    fss_mask,
     query_job,
     support_job,
 )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clipprior.config import PriorConfig
-from clipprior.data.images import check_same_size
+from clipprior.data.images import check_same_size, fss_mask
 from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
@@ -108,11 +108,6 @@ class SupportBatch:
         """The batch cut into consecutive batches of at most ``size`` supports."""
         return [SupportBatch(self.keys[s:s + size], self.pixels[s:s + size], self.labels[s:s + size])
                 for s in range(0, len(self.keys), size)] if size < len(self.keys) else [self]
-
-
-def fss_mask(raw: np.ndarray, class_id: int) -> np.ndarray:
-    """A label map -> the few-shot mask of ``class_id``: 1 on the class, 255 where ignored, 0 elsewhere."""
-    return np.where(raw == class_id, 1, np.where(raw == 255, 255, 0)).astype(np.uint8)
 
 
 def load_query_image(dataset: Dataset, work: QueryWork, patch: int, config: PriorConfig
