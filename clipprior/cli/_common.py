@@ -37,6 +37,7 @@ __all__ = [
     "Command",
     "Group",
     "ProgressDisplay",
+    "coco_split_option",
     "command",
     "console",
     "dataset_option",
@@ -171,6 +172,15 @@ def fold_option(*, required: bool = True, default: int | None = None, help: str 
     """``--fold``: a fold of the benchmark (0-3 for the built-in ones)."""
     return click.option("--fold", type=_FoldType(), required=required, default=default,
                         show_default=default is not None, help=help)
+
+
+def coco_split_option(*, help: str = "COCO-20i folds: 4k+f+1 (interleaved) or 20f+1..20f+20 (contiguous).",
+                      ) -> Callable[[F], F]:
+    """``--coco-split``: the fold-rule variant (:data:`clipprior.data.specs.FOLD_SPLITS`)."""
+    from clipprior.data.specs import FOLD_SPLITS
+
+    return click.option("--coco-split", type=click.Choice(FOLD_SPLITS), default=FOLD_SPLITS[0], show_default=True,
+                        help=help)
 
 
 def preset_option(*, default: str = "default", help: str = "Prior config preset (see clipprior.config).",

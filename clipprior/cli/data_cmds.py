@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from clipprior.cli._common import (
+    coco_split_option,
     command,
     console,
     dataset_option,
@@ -33,8 +34,7 @@ def _parse_folds(text: str) -> list[int]:
 
 
 def _dataset_options(func: Callable[..., object]) -> Callable[..., object]:
-    func = click.option("--coco-split", type=click.Choice(["interleaved", "contiguous"]), default="interleaved",
-                        show_default=True, help="COCO-20i folds: 4k+f+1 (interleaved) or 20f+1..20f+20.")(func)
+    func = coco_split_option()(func)
     func = click.option("--data-root", type=click.Path(path_type=Path), required=True,
                         help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder "
                              "(train2014/, val2014/, annotations/{train,val}2014/).")(func)

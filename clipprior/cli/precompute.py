@@ -8,6 +8,7 @@ import click
 
 from clipprior.cli._common import (
     ProgressDisplay,
+    coco_split_option,
     command,
     console,
     dataset_option,
@@ -105,8 +106,7 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
                    "trainers' lists/pascal/val.txt, voc_sbd_merge_noduplicate.txt, ...) [default: scan the data].")
 @click.option("--episode-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
-@click.option("--coco-split", type=click.Choice(["interleaved", "contiguous"]), default="interleaved",
-              show_default=True, help="COCO-20i fold definition.")
+@coco_split_option()
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
               help="Stop at broken data, or skip it and report.")
 @click.option("--shard", default=None, metavar="I/N",
