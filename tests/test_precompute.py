@@ -318,3 +318,18 @@ def test_verify_sample_recomputes_and_catches_tampering(tmp_path, data_root, tin
                                    "--device", "cpu"])
     assert bad.exit_code == 1
     assert "VVP differs from a fresh computation" in " ".join(bad.output.split())
+
+
+def test_cli_records_the_data_root_that_evaluate_and_show_fall_back_to(tmp_path, data_root, tiny_clip_dir):
+    out = tmp_path / "rooted.h5"
+    assert _run_cli(_base_args(data_root, tiny_clip_dir, out)).exit_code == 0
+    with PriorCache(out) as cache:
+        assert cache.provenance["data_root"] == str(Path(data_root).resolve())
+    scores = tmp_path / "scores.json"
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--json", str(scores)])  # no --data-root
+    assert result.exit_code == 0, result.output
+    assert scores.exists()
+    panels = tmp_path / "panels"
+    result = CliRunner().invoke(app, ["show", str(out), "--episodes", "0", "--out", str(panels)])
+    assert result.exit_code == 0, result.output
+    assert list(panels.glob("*.png"))

@@ -174,7 +174,8 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     provenance = build_provenance(
         clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
         list_checksum=data.list_checksum, class_names=names, batch_size=batch_size, chunk_images=chunk_images,
-        chunk_episodes=chunk_episodes, extra={"coco_split": coco_split},
+        chunk_episodes=chunk_episodes,
+        extra={"coco_split": coco_split, "data_root": str(Path(data_root).expanduser().resolve())},
     )
     with CacheWriter(out, provenance, shard=shard_spec) as writer:
         if on_error == "raise":  # under skip the engine registers what it computes: dropped episodes stay out
