@@ -27,6 +27,7 @@ from scipy import ndimage
 from clipprior._resize import resize_bilinear
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.config import PriorConfig
+from clipprior.data.classes import present_names
 from clipprior.errors import ConfigError, InvalidInputError
 from clipprior.hooks import ActivationRecorder, AttentionRecorder
 from clipprior.model import ClipBundle
@@ -1139,25 +1140,6 @@ class EpisodePriors:
             refined=resize_maps(self.refined[None], size)[0],
             vvp=None if self.vvp is None else resize_maps(self.vvp, size),
         )
-
-
-def present_names(label: np.ndarray | torch.Tensor, target: int, class_names: Sequence[str]) -> list[str]:
-    """Prompt names of the classes other than ``target`` present in a label map, by ascending class id.
-
-    The context classes of ``text_classes="present"`` (the official code's softmax set): every
-    class id 1..C found in the query's ground truth (0 background and 255 ignore are not classes).
-
-    Args:
-        label: (H, W) class ids of the query.
-        target: The episode's class id (excluded).
-        class_names: Prompt name of class id c at index c - 1.
-
-    Example:
-        >>> present_names(np.array([[0, 1], [3, 255]]), 1, ["cat", "dog", "bird"])
-        ['bird']
-    """
-    values = label.unique().tolist() if isinstance(label, torch.Tensor) else np.unique(np.asarray(label)).tolist()
-    return [class_names[int(v) - 1] for v in values if 1 <= int(v) <= len(class_names) and int(v) != target]
 
 
 def _present_context(size: tuple[int, int], class_name: str, context: Sequence[str], query_label: object,

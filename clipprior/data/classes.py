@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -243,7 +243,7 @@ def prompt_names(dataset: str, overrides: NameOverrides | None = None) -> list[s
     return values
 
 
-def present_classes(label: np.ndarray, num_classes: int) -> list[int]:
+def present_classes(label: Any, num_classes: int) -> list[int]:
     """Class ids ``1..num_classes`` present in a label map (any pixel count), ascending.
 
     0 (background), 255 (ignore) and any other value outside the range are left out.
@@ -252,18 +252,21 @@ def present_classes(label: np.ndarray, num_classes: int) -> list[int]:
         >>> present_classes(np.array([[0, 3], [255, 1]], np.uint8), 20)
         [1, 3]
     """
-    values = np.unique(np.asarray(label))
+    if not isinstance(label, np.ndarray) and hasattr(label, "unique"):  # a torch tensor, on any device
+        values = label.unique().tolist()
+    else:
+        values = np.unique(np.asarray(label)).tolist()
     return [int(v) for v in values if 1 <= int(v) <= num_classes]
 
 
-def present_names(label: np.ndarray, target: int, class_names: Sequence[str]) -> list[str]:
+def present_names(label: Any, target: int, class_names: Sequence[str]) -> list[str]:
     """Prompt names of the classes other than ``target`` present in a label map, by class id.
 
     The official "present" softmax context (``PriorConfig.text_classes == "present"``): every
     class of the query's ground truth joins the target's softmax.
 
     Args:
-        label: (H, W) label map.
+        label: (H, W) label map (numpy array or torch tensor).
         target: The episode's class (left out).
         class_names: Prompt name of class id c at index c - 1.
 
