@@ -23,8 +23,8 @@ from clipprior.data.images import check_same_size, fss_mask
 from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
-from clipprior.preprocess import normalize, vtp_image
-from clipprior.priors import _prepare_support, present_names
+from clipprior.preprocess import normalize, vtp_image, vvp_inputs
+from clipprior.priors import present_names
 
 __all__ = [
     "LoadFaults",
@@ -170,7 +170,8 @@ def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorCon
             f"support mask {path} has no pixel of class {class_id}, the class its image {_file(dataset, image)} "
             "is a support of: the support lists do not match the masks; rebuild them from the masks "
             "(`clipprior lists build`)"), path)
-    return _prepare_support(rgb, fss, patch, config)
+    pixels, labels = vvp_inputs(rgb, fss, patch, config)
+    return pixels, torch.as_tensor(labels)
 
 
 def load_support_batch(dataset: Dataset, batch: Sequence[SupportKey], patch: int, config: PriorConfig,
