@@ -35,8 +35,6 @@ __all__ = [
     "default_workers",
     "fss_mask",
     "load_checked",
-    "load_query_batch",
-    "load_support_batch",
     "present_names",
     "query_job",
     "support_job",
@@ -117,47 +115,6 @@ def load_query_image(dataset: Dataset, work: QueryWork, patch: int, config: Prio
     return rgb, label, vtp_image(rgb, patch, config)
 
 
-def load_query_batch(dataset: Dataset, batch: Sequence[QueryWork], patch: int, config: PriorConfig,
-                     class_names: Sequence[str], faults: LoadFaults | None = None) -> QueryBatch | None:
-    """Decode and resize the images of a planned query batch; build its class sets.
-
-    With ``faults``, a broken image or mask goes to :meth:`LoadFaults.query` and the batch runs
-    without it (``None`` when nothing is left); without, its error is raised.
-
-    Example:
-        >>> loaded = load_query_batch(dataset, batch, clip.patch_size, config, names)  # doctest: +SKIP
-        >>> loaded.pixels.shape  # doctest: +SKIP
-        torch.Size([8, 3, 384, 512])
-    """
-    works, prepared = [], []
-    for work in batch:
-        try:
-            prepared.append(load_query_image(dataset, work, patch, config))
-        except DatasetError as err:
-            if faults is None:
-                raise
-            faults.query(work, err)
-            continue
-        works.append(work)
-    return assemble_query_batch(works, prepared, config, class_names) if works else None
-
-
-def assemble_query_batch(batch: list[QueryWork], prepared: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                         config: PriorConfig, class_names: Sequence[str]) -> QueryBatch:
-    """Loaded images of a query batch -> its :class:`QueryBatch`."""
-    pixels = torch.stack([normalize(p[2], "clip") for p in prepared])
-    pairs = [(b, c) for b, q in enumerate(batch) for c in sorted(q.classes)]
-    sets = []
-    for b, c in pairs:
-        names = [class_names[c - 1]]
-        if config.text_classes == "present":
-            names += [n for n in present_names(prepared[b][1], c, class_names) if n not in names]
-        sets.append(names)
-    vvp_images = None if config.vvp_shares_query_pass else [p[0] for p in prepared]
-    sizes = [(int(p[0].shape[0]), int(p[0].shape[1])) for p in prepared]
-    return QueryBatch(batch, pixels, sizes, sets, pairs, vvp_images)
-
-
 def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorConfig
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (support image, class): its prepared (3, H, W) pixels and (H, W) labels."""
@@ -172,26 +129,6 @@ def load_support(dataset: Dataset, key: SupportKey, patch: int, config: PriorCon
             "(`clipprior lists build`)"), path)
     pixels, labels = vvp_inputs(rgb, fss, patch, config)
     return pixels, torch.as_tensor(labels)
-
-
-def load_support_batch(dataset: Dataset, batch: Sequence[SupportKey], patch: int, config: PriorConfig,
-                       faults: LoadFaults | None = None) -> SupportBatch | None:
-    """Decode, mask and resize the supports of a planned support batch.
-
-    With ``faults``, a broken support goes to :meth:`LoadFaults.support` and the batch runs without
-    it (``None`` when nothing is left); without, its error is raised.
-    """
-    keys, prepared = [], []
-    for key in batch:
-        try:
-            prepared.append(load_support(dataset, key, patch, config))
-        except DatasetError as err:
-            if faults is None:
-                raise
-            faults.support(key, err)
-            continue
-        keys.append(key)
-    return assemble_support_batch(keys, prepared) if keys else None
 
 
 def assemble_support_batch(batch: list[SupportKey], prepared: Sequence[tuple[torch.Tensor, torch.Tensor]]
