@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clipprior.cache import PriorCache, _format, _h5, _read, _report, _union, _write, check_cache, summarize_cache
-from clipprior.cache._format import MAP_KINDS, READABLE_VERSIONS, TABLES, kinds_of
+from clipprior.cache._format import MAP_KINDS, PANEL_ORDER, PRIORS, READABLE_VERSIONS, TABLES, kinds_of
 from clipprior.config import PriorConfig
 from clipprior.errors import CacheCorruptError
 from tests._cache_job import episodes, fake_vtp, fake_vvp, image_key, image_size, run_job
@@ -93,6 +93,32 @@ def test_map_kinds_are_declared_once() -> None:
     spelled = [*names, *(t.grid for t in TABLES.values()), _format.IMAGES_KEY, _format.IMAGES_SIZE, "seg-"]
     for name in spelled:  # no module but the format module spells a dataset path or file rule
         assert not any(f'"{name}' in src for src in sources.values()), name
+
+
+def _literals(module: object) -> set[str]:
+    """The string constants of a module's code (docstrings left out)."""
+    tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs}
+
+
+def test_show_and_evaluate_iterate_the_declared_prior_kinds() -> None:
+    from clipprior.cli import cache_cmds
+    from clipprior.cli import evaluate as evaluate_cmd
+    from clipprior.cli import show as show_cmd
+    from clipprior.evaluate import PRIOR_KINDS, PRIOR_TITLES, episodes, metrics, protocols
+
+    assert PRIOR_KINDS == tuple(k.prior for k in PRIORS) == ("vtp_raw", "vtp_refined", "vvp")
+    assert PRIOR_TITLES == {"vtp_raw": "VTP raw", "vtp_refined": "VTP refined", "vvp": "VVP"}
+    assert sorted(k.name for k in PANEL_ORDER) == sorted(k.name for k in PRIORS) and PANEL_ORDER[0].prior == "vvp"
+    assert all(k.label and k.abbrev for k in PRIORS) and set(PRIORS) <= set(MAP_KINDS)
+    assert tuple(k.prior for k in kinds_of("vtp")) == protocols.CAM_KINDS
+    names = {k.prior for k in kinds_of("vtp")} | {k.label for k in kinds_of("vtp")}  # ("vvp" names arguments too)
+    for module in (episodes, metrics, protocols, evaluate_cmd, show_cmd, cache_cmds):
+        assert not names & _literals(module), module.__name__  # no own list of the kinds
 
 
 # ----------------------------------------------------------------------------------------- damage

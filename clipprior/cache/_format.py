@@ -13,9 +13,12 @@ A cache holds *entry tables* (:data:`TABLES`) and *map kinds* (:data:`MAP_KINDS`
 * a map kind is one stacked, zero-padded float dataset of a table (``vtp/cam``, ``vtp/refined``,
   ``vvp/maps``), one row per entry of its table, with a declared shape rule (``(h, w)`` maps or
   ``(C, h, w)`` maps), dtype and title. Every map kind of a table is written for every entry.
+  A kind that is a *prior* also declares the name its scores go by (:attr:`MapKind.prior`,
+  ``"vtp_raw"``), its short title in score tables and panels and its column abbreviation.
 
 Writing, consolidating, merging, ``inspect`` (statistics per kind) and ``verify`` (finite values,
-checksums, grids per kind) iterate :data:`MAP_KINDS`; adding a kind is:
+checksums, grids per kind) iterate :data:`MAP_KINDS`; ``evaluate`` and ``show`` iterate the prior
+kinds (:data:`PRIORS`, drawn in :data:`PANEL_ORDER`); adding a kind is:
 
 1. declare it here: ``MapKind("feat/query", table="feat", channels=True, title="query features")``,
    and its table in :data:`TABLES` if it is keyed by something no table holds yet
@@ -31,6 +34,8 @@ still opens (tests/fixtures holds a cache of each).
 Example:
     >>> [k.name for k in kinds_of("vtp")]
     ['vtp/cam', 'vtp/refined']
+    >>> [(k.prior, k.label) for k in PRIORS]
+    [('vtp_raw', 'VTP raw'), ('vtp_refined', 'VTP refined'), ('vvp', 'VVP')]
     >>> parts_dir("out/priors.h5").as_posix()
     'out/priors.h5.parts'
 """
@@ -69,6 +74,8 @@ __all__ = [
     "LOCK_NAME",
     "MANIFEST_NAME",
     "MAP_KINDS",
+    "PANEL_ORDER",
+    "PRIORS",
     "READABLE_VERSIONS",
     "RESERVED_ATTRS",
     "SEGMENT_GLOB",
@@ -174,6 +181,11 @@ class MapKind:
             (C, h, w) maps stored as (M, C, H, W) with one C for the whole file.
         title: Words for reports ("VTP refined").
         dtype: Stored dtype.
+        prior: For a prior, the name its scores and maps go by in ``evaluate`` and ``show``
+            (``"vtp_raw"``: keys of the JSON scores and of ``EpisodeData.priors``); ``None`` for
+            other stored maps.
+        label: For a prior, its short title in score tables, panels and the HTML index ("VTP raw").
+        abbrev: For a prior, its abbreviation in per-class table columns ("raw").
     """
 
     name: str
@@ -181,6 +193,9 @@ class MapKind:
     channels: bool
     title: str
     dtype: Any = np.float16
+    prior: str | None = None
+    label: str = ""
+    abbrev: str = ""
 
     @property
     def ndim(self) -> int:
@@ -195,11 +210,17 @@ VVP = Table("vvp", "episode", "VVP")
 #: Every entry table, by group name.
 TABLES: Mapping[str, Table] = {t.group: t for t in (VTP, VVP)}
 
-VTP_CAM = MapKind("vtp/cam", VTP.group, channels=False, title="VTP raw Grad-CAM")
-VTP_REFINED = MapKind("vtp/refined", VTP.group, channels=False, title="VTP PIR-refined")
-VVP_MAPS = MapKind("vvp/maps", VVP.group, channels=True, title="VVP")
+VTP_CAM = MapKind("vtp/cam", VTP.group, channels=False, title="VTP raw Grad-CAM",
+                  prior="vtp_raw", label="VTP raw", abbrev="raw")
+VTP_REFINED = MapKind("vtp/refined", VTP.group, channels=False, title="VTP PIR-refined",
+                      prior="vtp_refined", label="VTP refined", abbrev="ref.")
+VVP_MAPS = MapKind("vvp/maps", VVP.group, channels=True, title="VVP", prior="vvp", label="VVP", abbrev="VVP")
 #: Every map kind, in file order.
 MAP_KINDS: tuple[MapKind, ...] = (VTP_CAM, VTP_REFINED, VVP_MAPS)
+#: The map kinds that are priors (:attr:`MapKind.prior` set), in file order: the order of score tables.
+PRIORS: tuple[MapKind, ...] = tuple(k for k in MAP_KINDS if k.prior)
+#: The order ``show`` draws the priors in (the paper's Fig. 4: VVP, then VTP raw and refined).
+PANEL_ORDER: tuple[MapKind, ...] = (VVP_MAPS, VTP_CAM, VTP_REFINED)
 
 
 def kinds_of(table: str) -> tuple[MapKind, ...]:

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
+from clipprior.cache import _format as fmt
 from clipprior.cli._common import (
     command,
     console,
@@ -205,9 +206,9 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
     for record in episodes:
         fresh = recompute_episode(clip, dataset, record.as_episode(), class_names=names, config=cache.config)
         checks = {
-            "VTP raw": (cache.vtp(record.query, record.class_id, refined=False), fresh.cam),
-            "VTP refined": (cache.vtp(record.query, record.class_id, refined=True), fresh.refined),
-            "VVP": (cache.vvp(record.index), fresh.vvp),
+            fmt.VTP_CAM.label: (cache.vtp(record.query, record.class_id, refined=False), fresh.cam),
+            fmt.VTP_REFINED.label: (cache.vtp(record.query, record.class_id, refined=True), fresh.refined),
+            fmt.VVP_MAPS.label: (cache.vvp(record.index), fresh.vvp),
         }
         for what, (cached, computed) in checks.items():
             if computed is None or tuple(cached.shape) != tuple(computed.shape):

@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from clipprior.cache import PriorCache
+from clipprior.cache._format import PRIORS, VTP_CAM, VTP_REFINED
 from clipprior.cli._common import (
     ProgressDisplay,
     command,
@@ -82,7 +83,7 @@ def _class_table(result: FoldResult) -> Table:
                   title_justify="left")
     table.add_column("class", no_wrap=True)
     table.add_column("ep.", justify="right", no_wrap=True, min_width=3)
-    short = {"vtp_raw": "raw", "vtp_refined": "ref.", "vvp": "VVP"}
+    short = {k.prior: k.abbrev for k in PRIORS}
     for kind in kinds:
         table.add_column(f"{short[kind]} IoU", justify="right", no_wrap=True)
         table.add_column(f"{short[kind]} AP", justify="right", no_wrap=True)
@@ -120,7 +121,7 @@ def _clip_es_table(results: dict[str, dict[float, ClipEsScores]], images: int, s
     for t in powers:
         table.add_column(f"bg (1-max)^{t:g}", justify="right")
     table.add_column("CLIP-ES, VOC train", justify="right", style="dim")
-    reference = {"vtp_raw": CLIP_ES_REFERENCE["raw"], "vtp_refined": CLIP_ES_REFERENCE["refined"]}
+    reference = {VTP_CAM.prior: CLIP_ES_REFERENCE["raw"], VTP_REFINED.prior: CLIP_ES_REFERENCE["refined"]}
     for kind, by_power in results.items():
         table.add_row(PRIOR_TITLES[kind], *[_pct(by_power[t].miou) for t in powers], f"{reference[kind]:.1f}")
     return table

@@ -9,6 +9,7 @@ import click
 from PIL import Image
 
 from clipprior.cache import PriorCache
+from clipprior.cache._format import PANEL_ORDER
 from clipprior.cli._common import ProgressDisplay, command, console, debug_option, handle_errors, writing
 from clipprior.errors import InvalidInputError
 from clipprior.evaluate import (
@@ -25,7 +26,7 @@ from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, writ
 
 __all__ = ["parse_episode_spec", "show"]
 
-_PANEL_ORDER = ("vvp", "vtp_raw", "vtp_refined")  # Fig. 4: VVP, then VTP raw and refined
+_PANEL_ORDER = tuple(str(k.prior) for k in PANEL_ORDER)  # Fig. 4: VVP, then VTP raw and refined
 
 
 def parse_episode_spec(spec: str, available: list[int]) -> list[int]:

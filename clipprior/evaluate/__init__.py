@@ -23,6 +23,7 @@ from clipprior.evaluate.episodes import (
     CacheFacts,
     EpisodeData,
     cache_facts,
+    cached_vtp,
     load_episode,
     resolve_data_root,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "binary_iou",
     "cache_facts",
     "cache_image_pairs",
+    "cached_vtp",
     "clip_es_labels",
     "evaluate_clip_es",
     "evaluate_fold",

@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from clipprior.cache import EpisodeRecord, PriorCache
+from clipprior.cache import EpisodeRecord, PriorCache, Size
+from clipprior.cache import _format as fmt
 from clipprior.data import class_names, dataset_name, fold_classes, load_label, load_rgb
 from clipprior.errors import DataNotFoundError, InvalidInputError
 from clipprior.evaluate.metrics import vvp_map
 from clipprior.viz import resize_map
 
-__all__ = ["PRIOR_TITLES", "CacheFacts", "EpisodeData", "cache_facts", "load_episode", "resolve_data_root"]
+__all__ = [
+    "PRIOR_TITLES", "CacheFacts", "EpisodeData", "cache_facts", "cached_vtp", "load_episode", "resolve_data_root",
+]
 
-#: Display names of the three priors, in table order.
-PRIOR_TITLES: dict[str, str] = {"vtp_raw": "VTP raw", "vtp_refined": "VTP refined", "vvp": "VVP"}
+#: Display names of the priors, in table order (the labels declared in :mod:`clipprior.cache._format`).
+PRIOR_TITLES: dict[str, str] = {str(k.prior): k.label for k in fmt.PRIORS}
 
 
 @dataclass(frozen=True)
@@ -164,14 +168,40 @@ def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images
             f"label {root / record.query_label} is {label.shape[0]}x{label.shape[1]} but {cache.path} recorded "
             f"{cached[0]}x{cached[1]} for {record.query}; is --data-root the folder the cache was computed from?"
         )
-    priors: dict[str, np.ndarray | None] = {
-        "vtp_raw": cache.vtp(record.query, record.class_id, refined=False, size="original").numpy(),
-        "vtp_refined": cache.vtp(record.query, record.class_id, refined=True, size="original").numpy(),
-        "vvp": None,
-    }
-    if cache.has_vvp(record.index):
-        priors["vvp"] = resize_map(vvp_map(cache.vvp(record.index)), label.shape)
+    priors = {str(kind.prior): _prior(cache, kind, record, label.shape) for kind in fmt.PRIORS}
     query = load_rgb(root / record.query) if images else None
     supports = [load_rgb(root / key) for key in record.supports] if images else []
     support_labels = [load_label(root / key) for key in record.support_labels] if images else []
     return EpisodeData(record, query, label, supports, support_labels, priors)
+
+
+def cached_vtp(cache: PriorCache, kind: fmt.MapKind, image: str, class_id: int, size: Size) -> torch.Tensor:
+    """One VTP kind (``vtp/cam`` or ``vtp/refined``) of ``(image, class_id)`` from a cache, at ``size``.
+
+    :meth:`PriorCache.vtp` with the kind named by its declaration.
+
+    Example:
+        >>> from clipprior.cache._format import VTP_CAM
+        >>> cached_vtp(cache, VTP_CAM, "JPEGImages/a.jpg", 15, "original").shape  # doctest: +SKIP
+        torch.Size([375, 500])
+
+    Raises:
+        CacheKeyError: if the entry is not cached.
+        InvalidInputError: for a kind that is not one of the VTP table's.
+    """
+    if kind not in fmt.kinds_of(fmt.VTP.group):
+        raise InvalidInputError(f"{kind.name} is not a VTP map kind ({[k.name for k in fmt.kinds_of(fmt.VTP.group)]})")
+    return cache.vtp(image, class_id, refined=kind == fmt.VTP_REFINED, size=size)
+
+
+def _prior(cache: PriorCache, kind: fmt.MapKind, record: EpisodeRecord, shape: tuple[int, ...]) -> np.ndarray | None:
+    """One prior kind of an episode at the label's size.
+
+    VTP comes at the image's original size; VVP is reduced with :func:`vvp_map` and resized
+    (``None`` when the episode has no VVP).
+    """
+    if kind.table == fmt.VTP.group:
+        return cached_vtp(cache, kind, record.query, record.class_id, "original").numpy()
+    if kind == fmt.VVP_MAPS:
+        return resize_map(vvp_map(cache.vvp(record.index)), shape) if cache.has_vvp(record.index) else None
+    raise InvalidInputError(f"no reader for the prior kind {kind.name}; add one to clipprior.evaluate.episodes._prior")

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from clipprior.cache import PriorCache
+from clipprior.cache import _format as fmt
 from clipprior.config import PriorConfig
 from clipprior.data import load_label, load_rgb, present_classes, present_names, prompt_names
 from clipprior.data.layout import to_id
 from clipprior.data.specs import get_dataset
 from clipprior.errors import CacheKeyError, DataNotFoundError, InvalidInputError
-from clipprior.evaluate.episodes import CacheFacts, cache_facts, load_episode
+from clipprior.evaluate.episodes import CacheFacts, cache_facts, cached_vtp, load_episode
 from clipprior.evaluate.metrics import (
     DEFAULT_THRESHOLDS,
     PRIOR_KINDS,
@@ -39,6 +40,7 @@ from clipprior.evaluate.metrics import (
 )
 
 __all__ = [
+    "CAM_KINDS",
     "CachedCams",
     "CamSource",
     "FoldResult",
@@ -51,6 +53,10 @@ __all__ = [
 
 ProgressFn = Callable[[int], None]
 """Progress callback: called with the number of items done."""
+
+#: The priors the CLIP-ES protocol scores: the kinds of the VTP table (one map per image and class),
+#: by their score names (``vtp_raw``, ``vtp_refined``).
+CAM_KINDS: tuple[str, ...] = tuple(str(k.prior) for k in fmt.kinds_of(fmt.VTP.group) if k.prior)
 
 CamSource = Callable[[str, Path, np.ndarray, list[int]], dict[str, dict[int, Any]]]
 """``source(image id, root, label, classes) -> {"vtp_raw": {class: (H, W)}, "vtp_refined": {...}}``."""
@@ -129,7 +135,7 @@ def evaluate_fold(
         if on_episode is not None:
             on_episode(done)
     fold = facts.fold_classes()
-    seen = set(meters["vtp_raw"].classes)
+    seen = set(meters[PRIOR_KINDS[0]].classes)
     missing = sorted(set(fold) - seen) if fold is not None else []
     classes = sorted(set(fold) & seen) if fold is not None else sorted(seen)
     if fold is not None and not classes:
@@ -196,11 +202,9 @@ class CachedCams:
         Raises:
             CacheKeyError: if one of them is not cached.
         """
-        out: dict[str, dict[int, Any]] = {"vtp_raw": {}, "vtp_refined": {}}
-        for c in classes:
-            for kind, refined in (("vtp_raw", False), ("vtp_refined", True)):
-                out[kind][c] = self.cache.vtp(image, c, refined=refined, size=tuple(label.shape))
-        return out
+        kinds = [k for k in fmt.kinds_of(fmt.VTP.group) if k.prior in CAM_KINDS]
+        return {str(k.prior): {c: cached_vtp(self.cache, k, image, c, tuple(label.shape)) for c in classes}
+                for k in kinds}
 
 
 class ModelCams:
@@ -226,7 +230,7 @@ class ModelCams:
         from clipprior.priors import pir, resize_maps, vtp
 
         if not classes:
-            return {"vtp_raw": {}, "vtp_refined": {}}
+            return {kind: {} for kind in CAM_KINDS}
         pixels = preprocess_query(load_rgb(root / image), self.bundle.patch_size, self.config.vtp_resample, "clip")
         names = [self.names[c - 1] for c in classes]
         context = [present_names(label, c, self.names) for c in classes]  # every GT class joins the softmax
@@ -235,10 +239,8 @@ class ModelCams:
         refined = pir(out.cam, out.attention, config=self.config).refined
         size = tuple(label.shape)
         raw_full, refined_full = resize_maps(out.cam, size), resize_maps(refined, size)
-        return {
-            "vtp_raw": {c: raw_full[i] for i, c in enumerate(classes)},
-            "vtp_refined": {c: refined_full[i] for i, c in enumerate(classes)},
-        }
+        maps = {fmt.VTP_CAM.prior: raw_full, fmt.VTP_REFINED.prior: refined_full}
+        return {kind: {c: maps[kind][i] for i, c in enumerate(classes)} for kind in CAM_KINDS}
 
 
 def cache_image_pairs(cache: PriorCache, dataset: str, split: str) -> list[tuple[str, str]]:
@@ -283,7 +285,7 @@ def evaluate_clip_es(
     Raises:
         CacheKeyError: for a missing cached CAM (unless ``skip_missing``).
     """
-    meters = {kind: ClipEsMeter(n_classes, bg_powers=bg_powers) for kind in ("vtp_raw", "vtp_refined")}
+    meters = {kind: ClipEsMeter(n_classes, bg_powers=bg_powers) for kind in CAM_KINDS}
     skipped = 0
     for done, (image, label_id) in enumerate(pairs, 1):
         label = load_label(root / label_id)
