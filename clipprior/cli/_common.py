@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -37,21 +38,33 @@ __all__ = [
     "Command",
     "Group",
     "ProgressDisplay",
+    "clip_options",
+    "cmap_option",
     "coco_split_option",
     "command",
     "console",
+    "data_root_option",
     "dataset_option",
     "debug_option",
     "device_option",
     "dtype_option",
     "err_console",
     "fold_option",
+    "folds_option",
     "group",
     "handle_errors",
     "keep_examples",
+    "list_root_option",
     "model_option",
+    "n_episodes_option",
+    "on_error_option",
     "preset_option",
     "progress_bar",
+    "seed_option",
+    "shot_option",
+    "split_option",
+    "threshold_option",
+    "tile_height_option",
     "writing",
 ]
 
@@ -207,6 +220,91 @@ def dtype_option(*, help: str = "Model dtype (Grad-CAM and PIR arithmetic stay f
     """``--dtype``: one of :data:`clipprior._device.DTYPE_NAMES`."""
     return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=DTYPE_NAMES[0], show_default=True,
                         help=help)
+
+
+def clip_options(*, model_default: str | None = DEFAULT_MODEL, model_help: str | None = None,
+                 ) -> Callable[[F], F]:
+    """``--model``, ``--device`` and ``--dtype`` together: what every command that loads CLIP takes."""
+    model = model_option(default=model_default) if model_help is None else model_option(default=model_default,
+                                                                                          help=model_help)
+
+    def decorate(func: F) -> F:
+        return model(device_option()(dtype_option()(func)))
+
+    return decorate
+
+
+def data_root_option(*, required: bool = False,
+                     help: str = "VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder "
+                                 "(train2014/, val2014/, annotations/{train,val}2014/).") -> Callable[[F], F]:
+    """``--data-root``: the dataset folder (a directory; each command says what it reads there)."""
+    return click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=required,
+                        default=None, help=help)
+
+
+def split_option(*, default: str | tuple[str, ...] = "val", multiple: bool = False,
+                 help: str = "val: novel classes (test episodes); train: base classes.") -> Callable[[F], F]:
+    """``--split``: one of :data:`clipprior.data.classes.SPLITS` (repeatable with ``multiple``: ``splits``)."""
+    from clipprior.data.classes import SPLITS
+
+    return click.option("--split", "splits" if multiple else "split", type=click.Choice(SPLITS), multiple=multiple,
+                        default=default, show_default=True, help=help)
+
+
+def on_error_option(*, help: str = "Stop at broken data, or skip it and report.") -> Callable[[F], F]:
+    """``--on-error``: one of :data:`clipprior.data.report.ON_ERROR_CHOICES` (default: raise)."""
+    from clipprior.data.report import ON_ERROR_CHOICES
+
+    return click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default=ON_ERROR_CHOICES[0],
+                        show_default=True, help=help)
+
+
+def list_root_option(*, help: str = "Folder of the trainers' list files [default: build the lists from the masks].",
+                     ) -> Callable[[F], F]:
+    """``--list-root``: an existing folder of FSS list files."""
+    return click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                        help=help)
+
+
+def folds_option(*, help: str = "Comma-separated folds.") -> Callable[[F], F]:
+    """``--folds``: a comma-separated list of folds (the command parses it)."""
+    return click.option("--folds", default="0,1,2,3", show_default=True, help=help)
+
+
+def shot_option(*, help: str = "Supports per episode.") -> Callable[[F], F]:
+    """``--shot``: K, at least 1."""
+    return click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help=help)
+
+
+def n_episodes_option(*, help: str = "Number of episodes [default: PI-CLIP's count: PASCAL 1000, COCO 5000].",
+                      ) -> Callable[[F], F]:
+    """``--episodes`` (a count, argument ``n_episodes``)."""
+    return click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None, help=help)
+
+
+def seed_option(*, default: int = 321, help: str = "Sampler seed.") -> Callable[[F], F]:
+    """``--seed``: an int (321: the FSS trainers' test seed)."""
+    return click.option("--seed", type=int, default=default, show_default=True, help=help)
+
+
+def threshold_option(*, help: str = "Prior >= threshold is foreground.") -> Callable[[F], F]:
+    """``--threshold``: in [0, 1], default :data:`clipprior.evaluate.DEFAULT_FIXED_THRESHOLD`."""
+    from clipprior.evaluate.metrics import DEFAULT_FIXED_THRESHOLD
+
+    return click.option("--threshold", type=click.FloatRange(0, 1), default=DEFAULT_FIXED_THRESHOLD,
+                        show_default=True, help=help)
+
+
+def cmap_option(*, help: str = "Heat-map colormap.") -> Callable[[F], F]:
+    """``--cmap``: one of :data:`clipprior.viz.COLORMAPS`."""
+    from clipprior.viz import COLORMAPS
+
+    return click.option("--cmap", type=click.Choice(sorted(COLORMAPS)), default="jet", show_default=True, help=help)
+
+
+def tile_height_option(*, help: str = "Height of each picture in a panel, in pixels.") -> Callable[[F], F]:
+    """``--tile-height``: 64 to 1024 pixels."""
+    return click.option("--tile-height", type=click.IntRange(64, 1024), default=224, show_default=True, help=help)
 
 
 def debug_option(func: F) -> F:

@@ -17,15 +17,15 @@ from rich.text import Text
 from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cache import _format as fmt
 from clipprior.cli._common import (
+    clip_options,
     command,
     console,
+    data_root_option,
     debug_option,
-    device_option,
-    dtype_option,
     err_console,
     handle_errors,
-    model_option,
     progress_bar,
+    seed_option,
 )
 from clipprior.errors import CacheError
 
@@ -226,14 +226,11 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also recompute N random episodes with the model and compare (0: structural check only).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@seed_option(default=0, help="Seed of the random sample.")
 @click.option("--atol", type=float, default=1e-2, show_default=True,
               help="Largest absolute difference accepted when recomputing (the cache stores float16).")
-@model_option(default=None, help="Model for recomputing (default: the cache's model).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Dataset root for recomputing (required with --sample).")
-@device_option()
-@dtype_option()
+@data_root_option(help="Dataset root for recomputing (required with --sample).")
+@clip_options(model_default=None, model_help="Model for recomputing (default: the cache's model).")
 @debug_option
 @handle_errors
 def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | None, data_root: Path | None,

@@ -12,12 +12,20 @@ from clipprior.cli._common import (
     coco_split_option,
     command,
     console,
+    data_root_option,
     dataset_option,
     debug_option,
     fold_option,
+    folds_option,
     group,
     handle_errors,
+    list_root_option,
+    n_episodes_option,
+    on_error_option,
     progress_bar,
+    seed_option,
+    shot_option,
+    split_option,
 )
 from clipprior.errors import InvalidInputError
 
@@ -35,9 +43,7 @@ def _parse_folds(text: str) -> list[int]:
 
 def _dataset_options(func: Callable[..., object]) -> Callable[..., object]:
     func = coco_split_option()(func)
-    func = click.option("--data-root", type=click.Path(path_type=Path), required=True,
-                        help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder "
-                             "(train2014/, val2014/, annotations/{train,val}2014/).")(func)
+    func = data_root_option(required=True)(func)
     return dataset_option()(func)
 
 
@@ -57,9 +63,8 @@ def lists() -> None:
 @_dataset_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to write (the trainers' lists/<dataset>); files go to OUT/fss_list/{val,train}/.")
-@click.option("--folds", default="0,1,2,3", show_default=True, help="Comma-separated folds to build.")
-@click.option("--split", "splits", type=click.Choice(["val", "train"]), multiple=True, default=("val", "train"),
-              show_default=True, help="Split(s) to build; repeat the option for both.")
+@folds_option(help="Comma-separated folds to build.")
+@split_option(multiple=True, default=("val", "train"), help="Split(s) to build; repeat the option for both.")
 @click.option("--val-base-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Whole-dataset val list to filter (the trainers' lists/pascal/val.txt, lists/coco/val.txt) "
                    "[default: scan the data].")
@@ -69,8 +74,7 @@ def lists() -> None:
 @click.option("--path-prefix", default=None, metavar="PREFIX",
               help="Written before every image and mask id [default: the data root's absolute path]; "
                    "'' writes root-relative ids, ../data/VOCdevkit2012/VOC2012 the trainers' own form.")
-@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
-              help="Stop at a missing or unreadable file, or skip it and report.")
+@on_error_option(help="Stop at a missing or unreadable file, or skip it and report.")
 @debug_option
 @handle_errors
 def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: str, splits: tuple[str, ...],
@@ -119,11 +123,9 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
 
 @lists.command("check")
 @_dataset_options
-@click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The list folder to check [default: build the lists from the masks and check the data].")
-@click.option("--folds", default="0,1,2,3", show_default=True, help="Comma-separated folds to check.")
-@click.option("--split", "splits", type=click.Choice(["val", "train"]), multiple=True, default=("val",),
-              show_default=True, help="Split(s) to check; repeat the option for both.")
+@list_root_option(help="The list folder to check [default: build the lists from the masks and check the data].")
+@folds_option(help="Comma-separated folds to check.")
+@split_option(multiple=True, default=("val",), help="Split(s) to check; repeat the option for both.")
 @click.option("--decode/--no-decode", default=True, show_default=True,
               help="Decode every image and mask (corrupt files, size mismatches, bad mask values), "
                    "or only check that files exist.")
@@ -169,17 +171,13 @@ def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | 
 
 @lists.command("episodes")
 @_dataset_options
-@click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The trainers' list folder [default: build the lists from the masks].")
+@list_root_option(help="The trainers' list folder [default: build the lists from the masks].")
 @fold_option()
-@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
-              help="val: novel classes (test episodes); train: base classes.")
-@click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help="Supports per episode.")
-@click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None,
-              help="Number of episodes [default: PI-CLIP's count: PASCAL 1000, COCO 5000].")
-@click.option("--seed", type=int, default=321, show_default=True, help="Sampler seed.")
-@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
-              help="Stop at broken data, or skip it and report.")
+@split_option()
+@shot_option()
+@n_episodes_option()
+@seed_option()
+@on_error_option()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Episode file [default: episodes-DATASET-foldF-SPLIT-KSHOT-seedS.jsonl].")
 @debug_option

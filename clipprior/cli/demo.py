@@ -9,35 +9,30 @@ from rich.table import Table
 
 from clipprior.cli._common import (
     ProgressDisplay,
+    clip_options,
+    cmap_option,
     command,
     console,
     debug_option,
-    device_option,
-    dtype_option,
     handle_errors,
-    model_option,
     preset_option,
+    tile_height_option,
     writing,
 )
 from clipprior.config import get_preset
 from clipprior.errors import WeightsNotFoundError
 from clipprior.photos import DEMO_EPISODES, demo_panel
-from clipprior.viz import COLORMAPS
 
 __all__ = ["demo"]
 
 
 @command("demo")
-@model_option()
-@device_option()
-@dtype_option()
+@clip_options()
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default="clipprior-demo.png",
               show_default=True, help="Where to write the PNG panel.")
 @preset_option()
-@click.option("--cmap", type=click.Choice(sorted(COLORMAPS)), default="jet", show_default=True,
-              help="Heat-map colormap.")
-@click.option("--tile-height", type=click.IntRange(64, 1024), default=224, show_default=True,
-              help="Height of each picture in the panel, in pixels.")
+@cmap_option()
+@tile_height_option(help="Height of each picture in the panel, in pixels.")
 @debug_option
 @handle_errors
 def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str, tile_height: int,

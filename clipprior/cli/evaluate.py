@@ -15,16 +15,17 @@ from clipprior.cache import PriorCache
 from clipprior.cache._format import PRIORS, VTP_CAM, VTP_REFINED
 from clipprior.cli._common import (
     ProgressDisplay,
+    clip_options,
     command,
     console,
+    data_root_option,
     dataset_option,
     debug_option,
-    device_option,
-    dtype_option,
     err_console,
     handle_errors,
-    model_option,
     preset_option,
+    split_option,
+    threshold_option,
     writing,
 )
 from clipprior.data import class_names, dataset_name, num_classes
@@ -155,13 +156,11 @@ def _parse_thresholds(text: str) -> tuple[float, ...]:
 
 @command("evaluate")
 @click.argument("caches", metavar="[CACHE]...", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Dataset folder with the ground-truth masks [default: the data_root of the cache's provenance, "
-                   "if it records one].")
+@data_root_option(help="Dataset folder with the ground-truth masks [default: the data_root of the cache's "
+                       "provenance, if it records one].")
 @click.option("--protocol", type=click.Choice(["fss", "clip-es"]), default="fss", show_default=True,
               help="fss: episodes' target class, per class and fold; clip-es: CAM mIoU over images, all GT classes.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="[fss] The fixed threshold (prior >= t is foreground).")
+@threshold_option(help="[fss] The fixed threshold (prior >= t is foreground).")
 @click.option("--thresholds", default="0:1:0.05", show_default=True, metavar="START:STOP:STEP|LIST",
               help="[fss] Thresholds searched for the best one.")
 @click.option("--per-class/--no-per-class", default=True, show_default=True, help="[fss] Print per-class tables.")
@@ -169,17 +168,14 @@ def _parse_thresholds(text: str) -> tuple[float, ...]:
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="[clip-es] Images to score: VOC stems, image paths or 'image label' lines.")
 @dataset_option(required=False, help="[clip-es] Benchmark (default: the cache's; else the first one).")
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
-              help="[clip-es] Split folders that list stems refer to.")
+@split_option(default="train", help="[clip-es] Split folders that list stems refer to.")
 @click.option("--bg-power", "bg_powers", type=float, multiple=True, default=(1.0, 2.0), show_default=True,
               help="[clip-es] Background exponent t of (1 - max CAM)^t; repeat for several.")
-@model_option(default=None, help="[clip-es] Compute the CAMs with this CLIP instead of reading a cache.")
+@clip_options(model_default=None, model_help="[clip-es] Compute the CAMs with this CLIP instead of reading a cache.")
 @preset_option(default="official", help="[clip-es --model] Prior config preset.")
 @click.option("--skip-missing", is_flag=True, help="[clip-es] Skip images whose CAMs are not all cached.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every number to this JSON file.")
-@device_option()
-@dtype_option()
 @debug_option
 @handle_errors
 def evaluate(caches: tuple[Path, ...], data_root: Path | None, protocol: str, threshold: float, thresholds: str,

@@ -10,7 +10,18 @@ from PIL import Image
 
 from clipprior.cache import PriorCache
 from clipprior.cache._format import PANEL_ORDER
-from clipprior.cli._common import ProgressDisplay, command, console, debug_option, handle_errors, writing
+from clipprior.cli._common import (
+    ProgressDisplay,
+    cmap_option,
+    command,
+    console,
+    data_root_option,
+    debug_option,
+    handle_errors,
+    threshold_option,
+    tile_height_option,
+    writing,
+)
 from clipprior.errors import InvalidInputError
 from clipprior.evaluate import (
     PRIOR_KINDS,
@@ -22,7 +33,7 @@ from clipprior.evaluate import (
     load_episode,
     resolve_data_root,
 )
-from clipprior.viz import COLORMAPS, HtmlEntry, compose_panel, episode_row, write_html_index
+from clipprior.viz import HtmlEntry, compose_panel, episode_row, write_html_index
 
 __all__ = ["parse_episode_spec", "show"]
 
@@ -92,18 +103,14 @@ def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, t
 @click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--episodes", "episodes_spec", default=":8", show_default=True, metavar="SPEC",
               help="Episodes to draw: indices and ranges ('0,5,10-20'), ':N' for the first N, or 'all'.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Dataset folder the cache was computed from (images and masks).")
+@data_root_option(help="Dataset folder the cache was computed from (images and masks).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the PNG panels [default: clipprior-show, or HTML_DIR/episodes with --html].")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a browsable index page of the panels to this folder.")
-@click.option("--cmap", type=click.Choice(sorted(COLORMAPS)), default="jet", show_default=True,
-              help="Heat-map colormap.")
-@click.option("--tile-height", type=click.IntRange(64, 1024), default=224, show_default=True,
-              help="Height of each picture in a panel, in pixels.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Threshold of the IoUs written on the panels.")
+@cmap_option()
+@tile_height_option()
+@threshold_option(help="Threshold of the IoUs written on the panels.")
 @debug_option
 @handle_errors
 def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: Path | None, html_dir: Path | None,

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from clipprior.errors import DataNotFoundError, DatasetError, InvalidInputError
 
-__all__ = ["DataReport", "OnError", "Problem", "check_on_error"]
+__all__ = ["ON_ERROR_CHOICES", "DataReport", "OnError", "Problem", "check_on_error"]
 
 OnError = Literal["raise", "skip"]
+#: The values of ``on_error`` (and of the CLI's ``--on-error``), the default first.
+ON_ERROR_CHOICES: tuple[str, ...] = get_args(OnError)
 
 
 def check_on_error(on_error: str) -> OnError:
@@ -33,7 +35,7 @@ def check_on_error(on_error: str) -> OnError:
     Raises:
         InvalidInputError: ``on_error`` is not ``"raise"`` or ``"skip"``.
     """
-    if on_error not in ("raise", "skip"):
+    if on_error not in ON_ERROR_CHOICES:
         raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     return on_error  # type: ignore[return-value]
 
