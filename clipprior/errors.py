@@ -21,6 +21,7 @@ __all__ = [
     "CacheError",
     "CacheKeyError",
     "CacheMismatchError",
+    "CacheWriteError",
     "ClipPriorError",
     "ConfigError",
     "DataNotFoundError",
@@ -65,6 +66,23 @@ class CacheError(ClipPriorError, RuntimeError):
 
 class CacheMismatchError(CacheError, ValueError):
     """An existing cache was written with settings other than the ones requested."""
+
+
+class CacheWriteError(CacheError):
+    """A cache file could not be written (full disk, quota, read-only location, device error).
+
+    The file being written is removed (a half-written file is never taken as a cache) and the work
+    committed before stays, so rerunning the same command once the cause is fixed finishes the job.
+
+    Attributes:
+        path: The file that could not be written.
+        errno: The operating system's error number (e.g. ``errno.ENOSPC``), or ``None``.
+    """
+
+    def __init__(self, message: str, *, path: object = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
 
 
 class CacheCorruptError(CacheError):

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from clipprior.cache import CacheWriter, EpisodeRecord, shard_from_environment
+from clipprior.errors import CacheWriteError
 
 PATCH = 16
 CLASSES = (1, 2, 3)
@@ -167,7 +168,15 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--finalize-delay", type=float, default=0.0, help="sleep per block while finalizing")
     parser.add_argument("--commit-every", type=int, default=4)
     parser.add_argument("--shard", default=None, help="i/n, or env for RANK/WORLD_SIZE (torchrun)")
+    parser.add_argument("--file-size-limit", type=int, default=None,
+                        help="bytes: no file may grow past this (RLIMIT_FSIZE: a real failed write, as a full disk)")
     args = parser.parse_args(argv)
+    if args.file_size_limit is not None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     if args.shard == "env":  # one shard per rank under torchrun
         shard = shard_from_environment()
     else:
@@ -181,8 +190,12 @@ def _main(argv: list[str]) -> None:
         import clipprior.cache._h5 as h5
 
         h5.BLOCK_BYTES = 1  # one row per block, so the kill lands mid-file
-    run_job(args.out, n_images=args.images, n_episodes=args.episodes, shot=args.shot, delay=args.delay,
-            commit_every=args.commit_every, shard=shard, on_progress=slow_progress)  # type: ignore[arg-type]
+    try:
+        run_job(args.out, n_images=args.images, n_episodes=args.episodes, shot=args.shot, delay=args.delay,
+                commit_every=args.commit_every, shard=shard, on_progress=slow_progress)  # type: ignore[arg-type]
+    except CacheWriteError as err:  # what a command does: one line, exit 1
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print("done", flush=True)
 
 

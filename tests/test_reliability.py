@@ -6,6 +6,7 @@ referenced there rather than repeated here.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +20,12 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from clipprior import PriorConfig
-from clipprior.cache import CacheWriter, PriorCache, check_cache, parts_dir, provenance_diff
+from clipprior.cache import CacheWriter, PriorCache, _h5, check_cache, parts_dir, provenance_diff
 from clipprior.cli.main import app
 from clipprior.data import EpisodeMeta, open_dataset, sample_episodes, write_episodes
 from clipprior.data.lists import write_fss_lists
 from clipprior.data.synthetic import write_synthetic_pascal
+from clipprior.errors import CacheWriteError
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -109,6 +111,50 @@ def stopped(tmp_path: Path, data_root: Path, tiny_clip_dir: Path, monkeypatch: p
     assert result.exit_code != 0 and "Aborted" in result.output  # click reports a Ctrl-C so
     assert not out.exists() and len(list(parts_dir(out).glob("seg-*.h5"))) >= 2
     return out
+
+
+# ------------------------------------------------------ a disk filled by another process while finalizing
+
+
+def test_a_disk_filled_while_finalizing_ends_in_one_line_and_the_rerun_is_correct(
+        tmp_path, data_root, tiny_clip_dir, uninterrupted, monkeypatch, capfd):
+    out = tmp_path / "p.h5"
+    args = _args(data_root, tiny_clip_dir, out)
+    budget = uninterrupted.stat().st_size // 2
+    state = {"written": 0}
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:  # the disk fills half-way through the file
+        room = budget - state["written"]
+        if room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        done = _h5.os.pwrite(fd, data[:room], offset)
+        state["written"] += done
+        return done
+
+    capfd.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(_h5, "_pwrite", pwrite)
+        result = _invoke(args)
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert result.output.rstrip().endswith(errors[0])  # the error is the last line: nothing after it
+        text = _flat(result)
+        assert f"could not write cache file {out}: no space left on the device holding {tmp_path}" in text
+        assert "free some space" in text and "--out" in text and str(parts_dir(out)) in text
+        assert "HDF5" not in capfd.readouterr().err  # HDF5 printed no error stacks (fd-level stderr)
+        # The half-written file is gone; the segments of the computed work are kept.
+        assert not out.exists() and not out.with_name("p.h5.tmp").exists()
+        segments = sorted(parts_dir(out).glob("seg-*.h5"))
+        assert len(segments) >= 2
+        debug = _invoke([*args, "--debug"])  # the traceback, on request
+        assert isinstance(debug.exception, CacheWriteError) and debug.exception.errno == errno.ENOSPC
+        assert sorted(parts_dir(out).glob("seg-*.h5")) == segments
+    result = _invoke(args)  # space freed: the same command finishes, computing nothing again
+    assert result.exit_code == 0, result.output
+    assert "0 VTP and 0 VVP written" in _flat(result)
+    _assert_same_arrays(uninterrupted, out)
+    assert not parts_dir(out).exists()
 
 
 # ------------------------------------------------------------- a cache never mixes computations

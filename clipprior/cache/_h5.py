@@ -33,14 +33,16 @@ import numpy as np
 
 from clipprior.cache import _format as fmt
 from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, RESERVED_ATTRS, MapKind, Table
-from clipprior.errors import CacheCorruptError, CacheError
+from clipprior.errors import CacheCorruptError, CacheError, CacheWriteError
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "RESERVED_ATTRS",
+    "AtomicFile",
     "EpisodeRecord",
     "FileIndex",
+    "GuardedFile",
     "MapPlan",
     "SourceSet",
     "TableIndex",
@@ -48,6 +50,7 @@ __all__ = [
     "fsync_dir",
     "open_read",
     "pad_stack",
+    "quiet_hdf5",
     "read_rows",
     "write_cache_file",
 ]
@@ -161,6 +164,9 @@ def describe_os_error(err: BaseException, path: Path) -> str:
         return f"no space left on the device holding {path.parent}; free some space and rerun"
     if code == errno.EDQUOT:
         return f"disk quota exceeded on {path.parent}; free some space"
+    if code == errno.EFBIG:
+        return (f"the file grew past the largest file allowed in {path.parent} (file system limit, or the "
+                "process's `ulimit -f`); raise the limit or choose another location")
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied writing in {path.parent}; choose a writable location"
     if code == errno.EROFS:
@@ -181,20 +187,193 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+# The system calls of GuardedFile, by name, so that tests can make them fail as a full disk would.
+_pwrite = os.pwrite
+_ftruncate = os.ftruncate
+_fsync = os.fsync
+
+
+class GuardedFile:
+    """A new file for h5py's ``fileobj`` driver that never lets HDF5 see a failed write.
+
+    HDF5 cannot survive a failed write: the file can then not be closed, h5py prints error stacks,
+    and the process crashes when HDF5 shuts down (a segfault at exit, seen with HDF5 2.0 / h5py
+    3.16; a SIGBUS in the field). Another process can fill the disk at any moment, so no check
+    beforehand can rule that out. Through this object HDF5's writes become ``pwrite`` calls that
+    are checked here: the first failure (``ENOSPC``, ``EDQUOT``, ``EIO``, ``EFBIG``, ...) is kept in
+    :attr:`error`, and from then on what HDF5 writes is held in memory (4 KiB pages, read back
+    where HDF5 reads), so HDF5 carries on, closes the file cleanly, and the writer raises the
+    kept error at its next :meth:`check` -- after the current block of maps -- and deletes the file.
+    What is held in memory is bounded by one block of maps plus HDF5's metadata.
+
+    Args:
+        path: The file to create (truncated if it exists).
+
+    Example:
+        >>> import tempfile, h5py, pathlib
+        >>> guard = GuardedFile(pathlib.Path(tempfile.mkdtemp()) / "x.h5")
+        >>> with h5py.File(guard, "w") as handle:
+        ...     handle["x"] = [1, 2, 3]
+        >>> guard.check(); guard.close()
+    """
+
+    PAGE = 1 << 12
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.error: OSError | None = None
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pos = 0
+        self._size = 0
+        self._pages: dict[int, bytearray] = {}
+
+    # What h5py's fileobj driver calls: seek, tell, readinto, write, truncate, flush.
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self.error is None:
+            try:
+                done = 0
+                while done < size:
+                    done += _pwrite(self._fd, view[done:], self._pos + done)
+            except OSError as err:
+                self.error = err
+        if self.error is not None:
+            self._hold(view, self._pos)
+        self._pos += size
+        self._size = max(self._size, self._pos)
+        return size
+
+    def _hold(self, view: memoryview, pos: int) -> None:
+        """Keep bytes HDF5 wrote after a failure, page by page, over what the file holds."""
+        page_size, end = self.PAGE, pos + len(view)
+        for page in range(pos // page_size, (end - 1) // page_size + 1):
+            start = page * page_size
+            buffer = self._pages.get(page)
+            if buffer is None:
+                buffer = bytearray(os.pread(self._fd, page_size, start).ljust(page_size, b"\0"))
+                self._pages[page] = buffer
+            lo, hi = max(pos, start), min(end, start + page_size)
+            buffer[lo - start:hi - start] = view[lo - pos:hi - pos]
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        size, pos = len(view), self._pos
+        data = os.pread(self._fd, size, pos)
+        view[:len(data)] = data
+        view[len(data):] = bytes(size - len(data))
+        if self._pages and size:
+            page_size = self.PAGE
+            for page in range(pos // page_size, (pos + size - 1) // page_size + 1):
+                held = self._pages.get(page)
+                if held is not None:
+                    start = page * page_size
+                    lo, hi = max(pos, start), min(pos + size, start + page_size)
+                    view[lo - pos:hi - pos] = held[lo - start:hi - start]
+        self._pos += size
+        return size
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._size - self._pos) if size < 0 else size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                _ftruncate(self._fd, size)
+            except OSError as err:
+                self.error = err
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered here (see :meth:`fsync`)."""
+
+    # What the writer calls.
+
+    def check(self) -> None:
+        """Raise the first failed write (an :class:`OSError`), if any."""
+        if self.error is not None:
+            raise self.error
+
+    def fsync(self) -> None:
+        """Flush the file to the device (raises the :class:`OSError` of a failed write first)."""
+        self.check()
+        _fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class AtomicFile(NamedTuple):
+    """What :func:`atomic_h5` yields.
+
+    Attributes:
+        handle: The open, writable ``h5py.File``.
+        check: Raises the :class:`OSError` of a write that failed so far (call it between blocks of
+            work, to stop early when the disk is full).
+    """
+
+    handle: h5py.File
+    check: Callable[[], None]
+
+
+def _no_failure() -> None:
+    return None
+
+
+def quiet_hdf5() -> None:
+    """Turn off HDF5's printing of its error stacks to stderr for the calling thread.
+
+    h5py turns it off when imported; HDF5 builds that keep the setting per thread would still
+    print pages of ``HDF5-DIAG`` lines for an error in another thread (a writer thread), beside the
+    clean error clipprior raises. Errors are still raised as exceptions; only the printing is off.
+    It is not turned back on afterwards: HDF5 2.0 keeps the setting for the whole process, so
+    turning it on would undo h5py's own choice in every thread.
+    """
+    silence = getattr(getattr(h5py, "_errors", None), "silence_errors", None)
+    if silence is not None:
+        silence()
+
+
 @contextlib.contextmanager
 def atomic_h5(path: Path, *, what: str = "cache file", in_memory: bool = False,
-              needed_bytes: int = 0) -> Iterator[h5py.File]:
+              needed_bytes: int = 0) -> Iterator[AtomicFile]:
     """Create an HDF5 file that appears at ``path`` complete or not at all.
 
     The file is written as ``path + ".tmp"``, fsynced, renamed over ``path`` and the directory
-    fsynced. On any error the temporary file is removed and the error is re-raised as a
-    :class:`CacheError` naming the file and the fix (a full disk included).
+    fsynced. On any error the temporary file is removed and the error is re-raised; a failed write
+    (a full disk included) becomes a :class:`CacheWriteError` naming the file and the fix.
 
-    HDF5 cannot survive running out of disk space: a write that fails leaves it unable to close the
-    file, and closing it crashes the process (a segfault, seen with HDF5 2.0 / h5py 3.16). So the
-    library is never allowed to hit a full disk: small files (``in_memory``, the segments) are
-    built in memory and written with plain Python I/O; large files check ``needed_bytes`` of free
-    space first.
+    HDF5 cannot survive a failed write (it cannot close the file, and the process crashes when HDF5
+    shuts down), so HDF5 is never shown one: small files (``in_memory``, the segments) are built in
+    memory and written with plain Python I/O; large files are written through a
+    :class:`GuardedFile`, which keeps a failed write from HDF5 and reports it through
+    :attr:`AtomicFile.check`; and ``needed_bytes`` of free space are required before starting, so
+    a disk that is simply too small is refused before any work.
 
     Args:
         path: Final path of the file.
@@ -203,39 +382,50 @@ def atomic_h5(path: Path, *, what: str = "cache file", in_memory: bool = False,
         needed_bytes: Refuse to start unless this much space is free (large files).
 
     Yields:
-        The open, writable ``h5py.File``.
+        The :class:`AtomicFile`: the open, writable ``h5py.File`` and its failure check.
 
     Raises:
-        CacheError: if the file cannot be written.
+        CacheWriteError: if the file cannot be written (full disk, quota, permissions, I/O error).
     """
     tmp = path.with_name(path.name + ".tmp")
+    guard: GuardedFile | None = None
+    quiet_hdf5()
     try:
         if not in_memory and needed_bytes:
             free = disk_free(path.parent)
             if free < needed_bytes:
-                raise CacheError(
+                raise CacheWriteError(
                     f"could not write {what} {path}: about {needed_bytes / 2**20:,.1f} MiB are needed but "
-                    f"{free / 2**20:,.1f} MiB are free on the device holding {path.parent}; free some space and rerun"
+                    f"{free / 2**20:,.1f} MiB are free on the device holding {path.parent}; free some space "
+                    "and rerun", path=path, errno=errno.ENOSPC,
                 )
         if in_memory:
             handle = h5py.File(f"clipprior-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
             try:
-                yield handle
+                yield AtomicFile(handle, _no_failure)
                 handle.flush()
                 image = handle.id.get_file_image()
             finally:
                 handle.close()
             _write_bytes(tmp, image)
         else:
-            with h5py.File(tmp, "w", track_order=False) as handle:
-                yield handle
-            _fsync_file(tmp)
+            guard = GuardedFile(tmp)
+            with h5py.File(guard, "w", track_order=False) as handle:
+                yield AtomicFile(handle, guard.check)
+            guard.fsync()  # raises a write that failed while HDF5 closed the file, first
+            guard.close()
         os.replace(tmp, path)
     except BaseException as err:
+        failed = guard.error if guard is not None else None
+        if guard is not None:
+            guard.close()
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if failed is not None and isinstance(err, Exception) and not isinstance(err, CacheError):
+            err = failed  # the failed write is the cause of whatever followed it
         if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, CacheError):
-            raise CacheError(f"could not write {what} {path}: {describe_os_error(err, path)}") from err
+            raise CacheWriteError(f"could not write {what} {path}: {describe_os_error(err, path)}", path=path,
+                                  errno=getattr(err, "errno", None)) from err
         raise
     fsync_dir(path.parent)
 
@@ -577,8 +767,11 @@ class SourceSet:
 
 
 def _copy_maps(group: h5py.Group, kinds: Sequence[MapKind], plan: MapPlan, sources: SourceSet,
-               progress: Callable[[int], None] | None) -> None:
-    """Create the map datasets of ``kinds`` in ``group`` and fill them block by block from ``sources``."""
+               progress: Callable[[int], None] | None, check: Callable[[], None] = _no_failure) -> None:
+    """Create the map datasets of ``kinds`` in ``group`` and fill them block by block from ``sources``.
+
+    ``check`` is called after each block (it raises when a write has failed: see :class:`AtomicFile`).
+    """
     total = len(plan.rows)
     hmax, wmax = plan.max_hw()
     shapes = [(total, *plan.lead(k), hmax, wmax) for k in kinds]
@@ -608,6 +801,7 @@ def _copy_maps(group: h5py.Group, kinds: Sequence[MapKind], plan: MapPlan, sourc
                     buffer[out_row, ..., :h, :w] = arr[..., :h, :w]
         for dataset, buffer in zip(datasets, buffers, strict=True):
             dataset[start:stop] = buffer
+        check()
         if progress is not None:
             progress(stop - start)
 
@@ -647,6 +841,7 @@ def write_cache_file(
     episodes: Sequence[EpisodeRecord],
     sources: SourceSet,
     progress: Callable[[int], None] | None = None,
+    check: Callable[[], None] = _no_failure,
 ) -> None:
     """Write a complete cache-layout file into an open, empty HDF5 file.
 
@@ -664,6 +859,7 @@ def write_cache_file(
         episodes: Episode table.
         sources: The files (and in-memory rows) the plans point into.
         progress: Called with the number of rows copied after each block.
+        check: Called after each block; raises to stop when a write has failed (see :class:`AtomicFile`).
     """
     handle.attrs[fmt.ATTR_FORMAT] = FORMAT_NAME
     handle.attrs[fmt.ATTR_VERSION] = FORMAT_VERSION
@@ -686,6 +882,6 @@ def write_cache_file(
         for (path, _), column in zip(table.key_columns, _encode_keys(table, keys, image_row), strict=True):
             _create_dataset(group, path.split("/", 1)[1], column)
         _create_dataset(group, table.grid.split("/", 1)[1], np.asarray(plan.grids, np.int32).reshape(-1, 2))
-        _copy_maps(group, fmt.kinds_of(table.group), plan, sources, progress)
+        _copy_maps(group, fmt.kinds_of(table.group), plan, sources, progress, check)
 
     _write_episodes(handle, episodes)

@@ -333,10 +333,11 @@ class SourceUnion:
                 channels={k.name: self.channels[k.name] for k in fmt.kinds_of(name) if k.channels},
             ))
         with SourceSet([i.path for i in self.indices], memory, self.indices) as sources, \
-                _h5.atomic_h5(out, what=what, in_memory=bool(memory), needed_bytes=needed) as handle:
+                _h5.atomic_h5(out, what=what, in_memory=bool(memory), needed_bytes=needed) as target:
             _h5.write_cache_file(
-                handle, attrs=attrs, provenance=provenance, images=images, tables=tables,
+                target.handle, attrs=attrs, provenance=provenance, images=images, tables=tables,
                 episodes=[self.episodes[i] for i in sorted(self.episodes)], sources=sources, progress=progress,
+                check=target.check,
             )
 
     def entry_count(self) -> int:

@@ -31,7 +31,7 @@ from clipprior.cache._union import (
     provenance_diff,
     to_map,
 )
-from clipprior.errors import CacheError, InvalidInputError
+from clipprior.errors import CacheError, CacheWriteError, InvalidInputError
 
 try:  # POSIX advisory locks; released by the kernel when a process dies, even by SIGKILL.
     import fcntl
@@ -493,8 +493,11 @@ class CacheWriter:
             The path of the finished file.
 
         Raises:
-            CacheError: if entries are missing (``require_complete``) or writing fails; the
-                committed segments stay, so rerunning the same command resumes.
+            CacheWriteError: if the file cannot be written (the disk filled up, by this run or by
+                another process, a quota, an I/O error): the half-written file is removed, the
+                committed segments stay, so rerunning the same command once there is room finishes
+                the cache, equal to an uninterrupted run.
+            CacheError: if entries are missing (``require_complete``).
         """
         self._check_open()
         self.commit()
@@ -520,7 +523,13 @@ class CacheWriter:
                 if progress is not None:
                     progress(done, total)
 
-            self._union.write(self.path, provenance=self.provenance, attrs=attrs, progress=step)
+            try:
+                self._union.write(self.path, provenance=self.provenance, attrs=attrs, progress=step)
+            except CacheWriteError as err:
+                kept = (f"; nothing computed is lost: the {len(self._segments)} committed segment(s) stay in "
+                        f"{self.parts}, and rerunning the same command writes {self.path.name} from them (another "
+                        "--out, on a disk with room, computes everything again)" if self._segments else "")
+                raise CacheWriteError(f"{err}{kept}", path=err.path, errno=err.errno) from err
         self._remove_parts(self._segments)
         self.close()
         return self.path
