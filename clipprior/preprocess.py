@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from clipprior._resize import resize_bilinear, resize_nearest
 from clipprior.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PriorConfig
 from clipprior.errors import InvalidInputError
 
@@ -192,8 +192,7 @@ def preprocess_support(image: ImageLike, label: np.ndarray, patch_size: int, res
     resized = resize_to_patch_multiple(rgb, patch_size, resample)
     lab = torch.from_numpy(label.astype(np.int64))
     if resized.shape[:2] != rgb.shape[:2]:
-        small = torch.nn.functional.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")
-        lab = small[0, 0].long()
+        lab = resize_nearest(lab, resized.shape[:2], exact=False)
     return normalize(resized, norm), lab
 
 
@@ -224,7 +223,7 @@ def stretch(image: ImageLike, size: int) -> torch.Tensor:
     tensor = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)
     if rgb.shape[:2] == (size, size):
         return tensor
-    return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return resize_bilinear(tensor, (size, size))
 
 
 def stretch_label(label: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -235,7 +234,7 @@ def stretch_label(label: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     lab = torch.from_numpy(np.array(label, dtype=np.int64)) if not isinstance(label, torch.Tensor) else label.long()
     if tuple(lab.shape) == (size, size):
         return lab
-    return F.interpolate(lab[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    return resize_nearest(lab, (size, size), exact=False)
 
 
 def _normalize_float(pixels: torch.Tensor, norm: str) -> torch.Tensor:
@@ -310,5 +309,5 @@ def vvp_inputs(image: ImageLike, label: np.ndarray | None, patch_size: int, conf
         return pixels, None
     lab = torch.from_numpy(label.astype(np.int64))
     if resized.shape[:2] != rgb.shape[:2]:
-        lab = F.interpolate(lab[None, None].float(), size=resized.shape[:2], mode="nearest")[0, 0].long()
+        lab = resize_nearest(lab, resized.shape[:2], exact=False)
     return pixels, lab

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import correlate1d
 
+from clipprior._resize import pad, resize_bilinear, resize_nearest
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -209,21 +210,6 @@ def _fill(value: float | Sequence[float], channels: int, what: str) -> torch.Ten
 # ----------------------------------------------------------------------------------- primitives
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(C, H, W) -> (C, h, w): bilinear as OpenCV's INTER_LINEAR (half-pixel, no antialias), or nearest.
-
-    Nearest takes the source pixel whose area holds the target pixel's centre (``nearest-exact``),
-    so labels keep the geometry of the bilinear image and priors. OpenCV's INTER_NEAREST takes
-    ``floor(x * scale)`` instead, which shifts the trainers' labels by up to half a source pixel
-    towards the top-left of their images; this module does not reproduce that shift.
-    """
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if mode == "bilinear":
-        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-    return F.interpolate(x[None], size=size, mode="nearest-exact")[0]
-
-
 def _warp(x: torch.Tensor, grid: torch.Tensor, mode: str, fill: torch.Tensor | float) -> torch.Tensor:
     """Sample (C, H, W) at ``grid`` (1, h, w, 2), constant ``fill`` outside (per channel or scalar)."""
     fill_t = torch.as_tensor(fill, dtype=torch.float32)
@@ -232,14 +218,6 @@ def _warp(x: torch.Tensor, grid: torch.Tensor, mode: str, fill: torch.Tensor | f
     shifted = x - fill_t
     out = F.grid_sample(shifted[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
     return out + fill_t
-
-
-def _pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, fill: torch.Tensor | float) -> torch.Tensor:
-    c, h, w = x.shape
-    shape = (c, h + top + bottom, w + left + right)
-    out = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1).expand(shape).clone()
-    out[:, top:top + h, left:left + w] = x
-    return out
 
 
 # OpenCV's fixed kernels for sizes up to 7 with sigma=0 (cv2.getGaussianKernel)
@@ -361,10 +339,10 @@ class Resize(_Transform):
         self.size = _size(size)
 
     def _apply(self, state: _State, rng: np.random.Generator) -> None:
-        state.image = _resize(state.image, self.size, "bilinear")
-        state.label = _resize(state.label, self.size, "nearest")
+        state.image = resize_bilinear(state.image, self.size)
+        state.label = resize_nearest(state.label, self.size)
         if state.prior is not None:
-            state.prior = _resize(state.prior, self.size, "bilinear")
+            state.prior = resize_bilinear(state.prior, self.size)
 
 
 class RandScale(_Transform):
@@ -536,10 +514,10 @@ class Crop(_Padded):
         if pad_h or pad_w:
             image_fill, label_fill, prior_fill = self._fills(state)
             box = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
-            state.image = _pad(state.image, *box, image_fill)
-            state.label = _pad(state.label, *box, label_fill)
+            state.image = pad(state.image, *box, image_fill)
+            state.label = pad(state.label, *box, label_fill)
             if state.prior is not None:
-                state.prior = _pad(state.prior, *box, prior_fill)
+                state.prior = pad(state.prior, *box, prior_fill)
             h, w = state.size
         if self.crop_type == "center":
             top, left = (h - ch) // 2, (w - cw) // 2
@@ -604,10 +582,10 @@ class TestResize(_Padded):
         Resize((h, w))._apply(state, rng)
         image_fill, label_fill, prior_fill = self._fills(state)
         box = (0, self.size - h, 0, self.size - w)
-        state.image = _pad(state.image, *box, image_fill)
-        state.label = _pad(state.label, *box, label_fill)
+        state.image = pad(state.image, *box, image_fill)
+        state.label = pad(state.label, *box, label_fill)
         if state.prior is not None:
-            state.prior = _pad(state.prior, *box, prior_fill)
+            state.prior = pad(state.prior, *box, prior_fill)
 
 
 TestResize.__test__ = False  # type: ignore[attr-defined]  # not a pytest class
