@@ -61,6 +61,7 @@ __all__ = [
     "vtp",
     "vtp_pass",
     "vvp",
+    "vvp_from_cells",
     "vvp_from_features",
 ]
 
@@ -960,6 +961,45 @@ def best_cosine_match(query: torch.Tensor, query_norms: torch.Tensor, cells: Sup
     best = sim.amax(dim=-1)
     # -inf (no foreground cell) and negative maxima become 0 where a background cell exists.
     return torch.where(cells.has_background[:, None, None], best.clamp_min(0.0), best)
+
+
+def vvp_from_cells(query: torch.Tensor, query_norms: torch.Tensor, cells: SupportCells, grid: tuple[int, int], *,
+                   eps: float = 1e-7, normalize_maps: bool = True) -> torch.Tensor:
+    """VVP of one query against its K supports' foreground cells: (L, n, D), (L, n), K cells -> (L*K, h, w).
+
+    The episode form of :func:`vvp_from_features`, for features already reduced to their cells
+    (the precompute engine's support store, a features cache): the query is expanded over the K
+    shots without a copy and matched by :func:`best_cosine_match`.
+
+    Args:
+        query: (L, n, D) query patch features of the VVP layers.
+        query_norms: (L, n) their L2 norms.
+        cells: The K supports' foreground cells (:meth:`SupportCells.cat` of each shot, in shot order).
+        grid: (h, w) of the query, h * w == n.
+        eps: Added to the product of norms.
+        normalize_maps: Min-max normalise each map (the paper's Eq. 8).
+
+    Returns:
+        (L*K, h, w) float32: layer-major, shots inner.
+
+    Raises:
+        InvalidInputError: if the shapes disagree.
+
+    Example:
+        >>> q = torch.randn(2, 6, 4)
+        >>> cells = SupportCells.from_grid(torch.randn(3, 2, 5, 4), torch.ones(3, 5))
+        >>> vvp_from_cells(q, q.norm(dim=-1), cells, (2, 3)).shape
+        torch.Size([6, 2, 3])
+    """
+    if query.ndim != 3 or query_norms.shape != query.shape[:2] or query.shape[1] != grid[0] * grid[1]:
+        raise InvalidInputError(f"query must be (L, n, D) with n = h * w of grid {tuple(grid)} and norms (L, n); got "
+                                f"{tuple(query.shape)} and {tuple(query_norms.shape)}")
+    shots = int(cells.features.shape[0])
+    expanded = query[None].expand(shots, *query.shape), query_norms[None].expand(shots, *query_norms.shape)
+    best = best_cosine_match(*expanded, cells, eps).reshape(-1, *grid)  # (K*L, h, w)
+    if normalize_maps:
+        best = minmax_normalize(best, eps)
+    return best.reshape(shots, -1, *grid).transpose(0, 1).reshape(-1, *grid)  # (L, K, h, w) -> layer-major
 
 
 def vvp_from_features(

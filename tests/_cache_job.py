@@ -144,7 +144,7 @@ def read_all(path: Path) -> dict[str, Any]:
 def assert_same_datasets(a: Path, b: Path) -> None:
     """Equal datasets (names, dtypes, shapes, values, bit for bit) and equal provenance."""
     da, db = read_all(a), read_all(b)
-    assert sorted(da) == sorted(db)
+    assert sorted(da) == sorted(db), set(da) ^ set(db)
     for name in da:
         x, y = da[name], db[name]
         if isinstance(x, np.ndarray):

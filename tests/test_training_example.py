@@ -38,7 +38,8 @@ def example() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_pascal(tmp_path_factory.mktemp("voc") / "VOC2012", per_class=6, size=(64, 96))
+    # per_class=7: every class has >= 5 supports besides any query, so every 5-shot draw exists
+    return write_synthetic_pascal(tmp_path_factory.mktemp("voc") / "VOC2012", per_class=7, size=(64, 96))
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +110,9 @@ def test_documented_excerpts_are_the_example_code() -> None:
         assert excerpt in source, excerpt[:200]
 
 
-def _precompute_options() -> set[str]:
-    import click
-
-    command = app.get_command(click.Context(app), "precompute")
-    return {p.name for p in command.params} if command is not None else set()
-
-
-@pytest.mark.skipif("store" not in _precompute_options(), reason="this clipprior has no `precompute --store features`")
-@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize(("shot", "start_method"), [(1, "fork"), (5, "fork"), (1, "spawn")])
 def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path, tiny_clip_dir: Path,
-                                                  tmp_path: Path, shot: int) -> None:
+                                                  tmp_path: Path, shot: int, start_method: str) -> None:
     """A features cache serves any episode: the loop draws freely (the trainer's own protocol), no miss."""
     path = tmp_path / f"features-{shot}.h5"
     result = CliRunner().invoke(app, [
@@ -127,25 +120,31 @@ def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path
         "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--episodes", "4", "--seed", "1",
         "--store", "features", "--out", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method="fork",
+    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method=start_method,
                             image_size=48, feature_size=6, seed=3)
     assert history["mode"] == "free"
     assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
     assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
+    planned = {f"{e.query}|{e.class_id}|{'|'.join(e.supports)}" for e in PriorCache(path).episodes}
+    drawn = set().union(*history["episodes"])
+    assert len(drawn - planned) >= len(drawn) - 4  # the cache planned 4 episodes; every other draw was served too
 
 
-@pytest.mark.skipif("supports_per_query" not in _precompute_options() or not hasattr(PriorCache, "support_pool"),
-                    reason="this clipprior has no pool caches (`precompute --supports-per-query M`)")
-@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize(("shot", "start_method"), [(1, "fork"), (5, "fork"), (1, "spawn")])
 def test_loop_on_a_pool_cache_serves_every_drawn_episode(example: ModuleType, voc: Path, tiny_clip_dir: Path,
-                                                         tmp_path: Path, shot: int) -> None:
+                                                         tmp_path: Path, shot: int, start_method: str) -> None:
     path = tmp_path / f"pool-{shot}.h5"
     result = CliRunner().invoke(app, [
         "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
         "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--supports-per-query", str(shot + 1),
         "--seed", "1", "--out", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method="fork",
+    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method=start_method,
                             image_size=48, feature_size=6, seed=3)
     assert history["mode"] == "pool"
     assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
+    assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
+    cache = PriorCache(path)
+    for key in set().union(*history["episodes"]):  # every drawn episode: K distinct supports of its planned pool
+        query, class_id, *supports = key.split("|")
+        assert len(set(supports)) == shot and set(supports) <= set(cache.support_pool(query, int(class_id)))

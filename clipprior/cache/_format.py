@@ -76,9 +76,15 @@ __all__ = [
     "MAP_KINDS",
     "PANEL_ORDER",
     "PRIORS",
+    "QFEAT",
+    "QFEAT_FEATURES",
     "READABLE_VERSIONS",
     "RESERVED_ATTRS",
     "SEGMENT_GLOB",
+    "SFEAT",
+    "SFEAT_FEATURES",
+    "SFEAT_MASK",
+    "STORE_MODES",
     "TABLES",
     "VTP",
     "VTP_CAM",
@@ -153,11 +159,14 @@ class Table:
         keyed_by: What identifies a row: ``"image_class"`` (an ``(image_key, class_id)``),
             ``"episode"`` (an episode index) or ``"image"`` (an image key).
         title: Words for reports ("VTP").
+        optional: Written only when it has rows (a table added to the format later, which files
+            without it keep lacking: a ``maps`` cache has no feature tables).
     """
 
     group: str
     keyed_by: KeyedBy
     title: str
+    optional: bool = False
 
     @property
     def grid(self) -> str:
@@ -207,20 +216,33 @@ class MapKind:
 VTP = Table("vtp", "image_class", "VTP")
 #: The VVP table: one row per episode.
 VVP = Table("vvp", "episode", "VVP")
+#: ``--store features``: the VVP-layer features of each query image, one row per image.
+QFEAT = Table("qfeat", "image", "query features", optional=True)
+#: ``--store features``: the masked features of each (support image, class), one row per pair.
+SFEAT = Table("sfeat", "image_class", "support features", optional=True)
 #: Every entry table, by group name.
-TABLES: Mapping[str, Table] = {t.group: t for t in (VTP, VVP)}
+TABLES: Mapping[str, Table] = {t.group: t for t in (VTP, VVP, QFEAT, SFEAT)}
 
 VTP_CAM = MapKind("vtp/cam", VTP.group, channels=False, title="VTP raw Grad-CAM",
                   prior="vtp_raw", label="VTP raw", abbrev="raw")
 VTP_REFINED = MapKind("vtp/refined", VTP.group, channels=False, title="VTP PIR-refined",
                       prior="vtp_refined", label="VTP refined", abbrev="ref.")
 VVP_MAPS = MapKind("vvp/maps", VVP.group, channels=True, title="VVP", prior="vvp", label="VVP", abbrev="VVP")
+#: L2-normalised float16 features of the VVP layers on the query's VVP grid, channel l * D + d.
+QFEAT_FEATURES = MapKind("qfeat/features", QFEAT.group, channels=True, title="query features (unit, per layer)")
+#: The same for a support, zero outside its mask (the zeros compress to almost nothing).
+SFEAT_FEATURES = MapKind("sfeat/features", SFEAT.group, channels=True, title="support features (unit, masked)")
+#: The support's mask on its VVP grid (1 foreground, 0 elsewhere).
+SFEAT_MASK = MapKind("sfeat/mask", SFEAT.group, channels=False, title="support mask on the grid")
 #: Every map kind, in file order.
-MAP_KINDS: tuple[MapKind, ...] = (VTP_CAM, VTP_REFINED, VVP_MAPS)
+MAP_KINDS: tuple[MapKind, ...] = (VTP_CAM, VTP_REFINED, VVP_MAPS, QFEAT_FEATURES, SFEAT_FEATURES, SFEAT_MASK)
 #: The map kinds that are priors (:attr:`MapKind.prior` set), in file order: the order of score tables.
 PRIORS: tuple[MapKind, ...] = tuple(k for k in MAP_KINDS if k.prior)
 #: The order ``show`` draws the priors in (the paper's Fig. 4: VVP, then VTP raw and refined).
 PANEL_ORDER: tuple[MapKind, ...] = (VVP_MAPS, VTP_CAM, VTP_REFINED)
+#: How a cache serves episodes (``provenance["store"]``; absent means ``"maps"``): its planned
+#: episodes' maps, the features that serve any episode, or a pool of planned supports per query and class.
+STORE_MODES: tuple[str, ...] = ("maps", "features", "pool")
 
 
 def kinds_of(table: str) -> tuple[MapKind, ...]:

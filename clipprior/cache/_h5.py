@@ -878,6 +878,8 @@ def write_cache_file(
 
     for table in fmt.TABLES.values():
         keys, plan = tables[table.group]
+        if table.optional and not keys:
+            continue
         group = handle.create_group(table.group)
         for (path, _), column in zip(table.key_columns, _encode_keys(table, keys, image_row), strict=True):
             _create_dataset(group, path.split("/", 1)[1], column)

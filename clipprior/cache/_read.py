@@ -129,6 +129,13 @@ class _ReaderIndex:
         self.episode_by_key: dict[tuple[str, int, tuple[str, ...]], int] = {}
         for e in self.episodes:
             self.episode_by_key.setdefault((e.query, e.class_id, e.supports), e.index)
+        #: ``{(query, class_id): [support, ...]}`` of the one-shot episodes (a pool cache's pools).
+        self.pools: dict[tuple[str, int], list[str]] = {}
+        for e in self.episodes:
+            if len(e.supports) == 1:
+                pool = self.pools.setdefault((e.query, e.class_id), [])
+                if e.supports[0] not in pool:
+                    pool.append(e.supports[0])
         # every key a caller may name: images with priors, and the supports of the episodes
         self.known_keys = set(self.image_row).union(*(e.supports for e in self.episodes))
 
@@ -342,6 +349,16 @@ class PriorCache:
         """``(image_key, class_id)`` of every cached VTP, sorted."""
         return list(self._index.vtp_row)
 
+    def feature_keys(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """What a features cache can serve: its query images and its ``(support image, class_id)`` pairs.
+
+        Example:
+            >>> queries, supports = cache.feature_keys()  # doctest: +SKIP
+            >>> len(queries), supports[0]  # doctest: +SKIP
+            (4208, ('JPEGImages/2007_000032.jpg', 1))
+        """
+        return list(self._index.rows[fmt.QFEAT.group]), list(self._index.rows[fmt.SFEAT.group])
+
     def image_size(self, image_key: str) -> tuple[int, int]:
         """Original (height, width) of an image.
 
@@ -471,6 +488,176 @@ class PriorCache:
         data = self._entry(fmt.VVP_MAPS, row, index)[:, :h, :w]
         query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key, align_corners)
+
+    # -- store modes: features (any episode), pool (planned supports per query) -----------------------
+
+    @property
+    def store(self) -> str:
+        """How this cache serves episodes: ``"maps"``, ``"features"`` or ``"pool"``.
+
+        ``"maps"``: its planned episodes; ``"features"``: any episode, from stored features;
+        ``"pool"``: any K of the supports it planned per query and class (``docs/training-loop.md``).
+        """
+        store = self._index.file.attrs[fmt.ATTR_PROVENANCE].get("store")
+        if store in fmt.STORE_MODES:
+            return str(store)
+        return "features" if self.has_features else "maps"
+
+    @property
+    def has_features(self) -> bool:
+        """Whether this cache stores VVP features (``--store features``): it serves any episode's VVP."""
+        return bool(self._index.rows[fmt.QFEAT.group])
+
+    @property
+    def has_pool(self) -> bool:
+        """Whether this is a support-pool cache (``--supports-per-query M``): see :meth:`support_pool`."""
+        return self.store == "pool"
+
+    def support_pool(self, query: str, class_id: int) -> list[str]:
+        """The support image keys this cache holds a one-shot VVP for, with this query and class.
+
+        A pool cache (``clipprior precompute --supports-per-query M``) plans M supports per (query,
+        class) of the training list, drawn by the trainers' protocol; any K of them make an episode
+        :meth:`episode_priors` serves (a K-shot VVP is the stack of its one-shot VVPs). Any cache
+        answers with the supports of its one-shot episodes.
+
+        Args:
+            query: Query image key (or the trainer's path for it).
+            class_id: Target class.
+
+        Returns:
+            Support image keys, in planning order (empty when there are none).
+
+        Example:
+            >>> cache.support_pool("JPEGImages/2007_000033.jpg", 1)  # doctest: +SKIP
+            ['JPEGImages/2008_001234.jpg', 'JPEGImages/2009_000012.jpg', ...]
+        """
+        return list(self._index.pools.get((self._lenient_key(query), self._class_id(class_id)), ()))
+
+    def query_features(self, image_key: str, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """The stored VVP-layer features of a query image: (L * D, h, w) float32 unit vectors.
+
+        Raises:
+            CacheKeyError: if the cache has no features for this image.
+        """
+        image_key = self._lenient_key(image_key)
+        row = self._index.rows[fmt.QFEAT.group].get(image_key)
+        if row is None:
+            raise CacheKeyError(self._no_features(f"query features of image {image_key!r}"))
+        h, w = self._index.file.tables[fmt.QFEAT.group].grids[row].tolist()
+        data = self._entry(fmt.QFEAT_FEATURES, row, image_key)[:, :h, :w]
+        return torch.from_numpy(data).to(device or "cpu", torch.float32)
+
+    def support_features(self, image_key: str, class_id: int, *, device: torch.device | str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored masked features of a (support image, class): (L * D, h, w) and its (h, w) mask.
+
+        Raises:
+            CacheKeyError: if the cache has no features for this pair.
+        """
+        key = (self._lenient_key(image_key), self._class_id(class_id))
+        row = self._index.rows[fmt.SFEAT.group].get(key)
+        if row is None:
+            raise CacheKeyError(self._no_features(f"support features of image {key[0]!r}, class {key[1]}"))
+        h, w = self._index.file.tables[fmt.SFEAT.group].grids[row].tolist()
+        feats = self._entry(fmt.SFEAT_FEATURES, row, key)[:, :h, :w]
+        mask = self._entry(fmt.SFEAT_MASK, row, key)[:h, :w]
+        target = device or "cpu"
+        return torch.from_numpy(feats).to(target, torch.float32), torch.from_numpy(mask).to(target, torch.float32)
+
+    def _parsed_config(self) -> PriorConfig:
+        """:attr:`config`, parsed once per process (parsing costs about a millisecond per read)."""
+        cached = self.__dict__.get("_config_cache")
+        if cached is None:
+            cached = self.__dict__["_config_cache"] = self.config
+        return cached
+
+    def _no_features(self, what: str) -> str:
+        if not self.has_features:
+            return (f"no {what} in {self.path}: this cache stores maps (store {self.store!r}), not features; "
+                    "build one that serves any episode with `clipprior precompute ... --store features`")
+        prov = self._index.file.attrs[fmt.ATTR_PROVENANCE]
+        return (f"no {what} in {self.path}: the features cache covers the query list and the support lists "
+                f"of {prov.get('dataset')} fold {prov.get('fold')} {prov.get('split')}; was the key given as "
+                "written in those lists (see PriorCache.images), or was the file left out as broken?")
+
+    def episode_priors(self, query: str, class_id: int, supports: Sequence[str | Sequence[str]], *,
+                       size: Size = None, align_corners: bool = False,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VTP and VVP of an episode, in the official channel order: vtp (1, h, w), vvp (2K, h, w).
+
+        Served in every store mode:
+
+        - ``features``: any supports, the VVP computed from the stored features with the engine's
+          cosine-max on ``device`` (the CPU by default; pass the trainer's device to compute
+          there); it equals the precomputed VVP up to the float16 storage of the features;
+        - ``pool``: any K supports among :meth:`support_pool` (the stack of their one-shot VVPs);
+        - ``maps``: the planned episodes (and any stack of planned one-shot episodes).
+
+        Args:
+            query: Query image key (or the trainer's path for it).
+            class_id: Target class.
+            supports: Support image keys (or ``(image, label)`` pairs) in shot order.
+            size: ``None``: each map on its own patch grid (the VTP and VVP grids differ in the
+                official geometry); ``"original"``: the query's original size; ``(H, W)``: bilinear.
+            align_corners: Passed to the bilinear resize (the official model's own resizes use True).
+            device: Where to compute and return the maps.
+
+        Returns:
+            ``(vtp, vvp)``: (1, h, w) PIR-refined VTP and (2K, h, w) VVP, layer-major (every shot
+            of the first VVP layer, then every shot of the next), float32.
+
+        Raises:
+            CacheKeyError: if the query's VTP, a feature entry or (without features) the episode is
+                not cached; the message says what the cache holds and how to build one that serves
+                the episode.
+
+        Example:
+            >>> vtp, vvp = cache.episode_priors(q, 3, [s1, s2], size=(60, 60))  # doctest: +SKIP
+            >>> prior_channels(vtp, vvp).shape  # PI-CLIP's [VTP, VTP, VVP] prior channels  # doctest: +SKIP
+            torch.Size([6, 60, 60])
+        """
+        keys = [s if isinstance(s, (str, os.PathLike)) else s[0] for s in supports]
+        if not keys:
+            raise InvalidInputError("an episode needs at least one support")
+        vtp = self.vtp(query, class_id)[None].to(device or "cpu")
+        if self.has_features:
+            from clipprior.cache._features import vvp_from_stored
+
+            qf = self.query_features(query, device=device)
+            sf = [self.support_features(k, class_id, device=device) for k in keys]
+            vvp = vvp_from_stored(qf, sf, self._parsed_config())
+        else:
+            vvp = self._planned_vvp(query, class_id, keys).to(device or "cpu")
+        if size is not None:
+            target = self.image_size(self.image_key(query)) if size == "original" else _check_size(size)
+            vtp = resize_prior(vtp, target, align_corners=align_corners)
+            vvp = resize_prior(vvp, target, align_corners=align_corners)
+        return vtp, vvp
+
+    def _planned_vvp(self, query: str, class_id: int, supports: Sequence[str]) -> torch.Tensor:
+        """The planned episode's VVP, or the stack of its supports' planned one-shot VVPs (layer-major)."""
+        try:
+            return self.vvp(query=query, class_id=class_id, supports=supports)
+        except CacheKeyError as err:
+            if len(supports) == 1 and not self.has_pool:
+                raise self._not_served(err, query, class_id) from err
+            try:
+                single = [self.vvp(query=query, class_id=class_id, supports=[s]) for s in supports]
+            except CacheKeyError:
+                raise self._not_served(err, query, class_id) from err
+        return torch.stack(single, dim=1).reshape(-1, *single[0].shape[-2:])  # (L, K, h, w): layer-major
+
+    def _not_served(self, err: CacheKeyError, query: str, class_id: int) -> CacheKeyError:
+        if self.has_pool:
+            pool = self.support_pool(query, class_id)
+            return CacheKeyError(f"{err.args[0]}. This pool cache holds {len(pool)} support(s) for this query and "
+                                 f"class: {pool[:5]}{' ...' if len(pool) > 5 else ''}; draw the supports among "
+                                 "PriorCache.support_pool(query, class_id) (clipprior.EpisodeSampler does), or build "
+                                 "a cache that serves any episode with `clipprior precompute ... --store features`")
+        return CacheKeyError(f"{err.args[0]}. This cache (store {self.store!r}) serves its planned episodes only; to "
+                             "serve the episodes a trainer draws, build it with `clipprior precompute ... --store "
+                             "features` (any episode) or `--supports-per-query M` (a pool per query and class)")
 
     def _sized(self, x: torch.Tensor, size: Size, image_key: str | None, align_corners: bool = False) -> torch.Tensor:
         if size is None:

@@ -302,6 +302,15 @@ class CacheWriter:
         """Whether the VVP of episode ``episode_index`` is cached (committed or buffered)."""
         return int(episode_index) in self._union.vvp or int(episode_index) in self._buf[fmt.VVP.group]
 
+    def has_query_features(self, image_key: str) -> bool:
+        """Whether the query features of ``image_key`` are cached (``--store features``)."""
+        return image_key in self._union.tables[fmt.QFEAT.group] or image_key in self._buf[fmt.QFEAT.group]
+
+    def has_support_features(self, image_key: str, class_id: int) -> bool:
+        """Whether the support features of ``(image_key, class_id)`` are cached (``--store features``)."""
+        key = (image_key, int(class_id))
+        return key in self._union.tables[fmt.SFEAT.group] or key in self._buf[fmt.SFEAT.group]
+
     @property
     def episodes(self) -> list[EpisodeRecord]:
         """The episode table as known so far, sorted by index."""
@@ -395,6 +404,60 @@ class CacheWriter:
         if channels and arr.shape[0] != channels:
             raise InvalidInputError(f"VVP of episode {index} has {arr.shape[0]} channels; the cache has {channels}")
         self._add(fmt.VVP.group, index, (arr,))
+
+    def add_query_features(self, image_key: str, features: Any) -> None:
+        """Add the VVP-layer features of one query image (``--store features``).
+
+        Args:
+            image_key: Key given to :meth:`add_image` before.
+            features: (L * D, h, w) unit feature vectors on the image's VVP grid (see
+                :func:`clipprior.cache._features.pack_query_features`); stored as float16.
+
+        Raises:
+            InvalidInputError: unknown image, entry already cached, bad shape or values, or a
+                channel count other than the cache's.
+            CacheError: if an automatic commit fails.
+        """
+        self._check_open()
+        key = check_key(image_key, "image_key")
+        if not self.has_image(key):
+            raise InvalidInputError(f"image {key!r} has no recorded size; call add_image() before add_query_features()")
+        if self.has_query_features(key):
+            raise InvalidInputError(f"query features of {key!r} are cached already; check has_query_features()")
+        arr = to_map(features, 3, f"query features of {key!r}")
+        channels = self._channels(fmt.QFEAT_FEATURES.name)
+        if channels and arr.shape[0] != channels:
+            raise InvalidInputError(f"query features of {key!r} have {arr.shape[0]} channels; the cache has {channels}")
+        self._add(fmt.QFEAT.group, key, (arr,))
+
+    def add_support_features(self, image_key: str, class_id: int, features: Any, mask: Any) -> None:
+        """Add the masked features of one (support image, class) (``--store features``).
+
+        Args:
+            image_key: Key given to :meth:`add_image` before.
+            class_id: The class whose mask selected the cells.
+            features: (L * D, h, w) unit feature vectors, zero outside the mask (see
+                :func:`clipprior.cache._features.pack_support_features`); stored as float16.
+            mask: (h, w) the support's mask on its VVP grid (1 foreground, 0 elsewhere).
+
+        Raises:
+            InvalidInputError: unknown image, entry already cached, bad shapes or values.
+            CacheError: if an automatic commit fails.
+        """
+        self._check_open()
+        key = (check_key(image_key, "image_key"), check_int(class_id, "class_id"))
+        if not self.has_image(key[0]):
+            raise InvalidInputError(f"image {key[0]!r} has no recorded size; call add_image() first")
+        if self.has_support_features(*key):
+            raise InvalidInputError(f"support features of {key} are cached already; check has_support_features()")
+        arr = to_map(features, 3, f"support features of {key}")
+        grid = to_map(mask, 2, f"support mask of {key}")
+        if arr.shape[1:] != grid.shape:
+            raise InvalidInputError(f"support features of {key}: grid {arr.shape[1:]} and mask {grid.shape} differ")
+        channels = self._channels(fmt.SFEAT_FEATURES.name) or self._channels(fmt.QFEAT_FEATURES.name)
+        if channels and arr.shape[0] != channels:
+            raise InvalidInputError(f"support features of {key} have {arr.shape[0]} channels; the cache has {channels}")
+        self._add(fmt.SFEAT.group, key, (arr, grid))
 
     def set_episodes(self, episodes: Iterable[Any]) -> None:
         """Record the episode table (once per run; the same table again on resume is a no-op).

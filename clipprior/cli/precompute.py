@@ -109,6 +109,13 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
 @coco_split_option()
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
               help="Stop at broken data, or skip it and report.")
+@click.option("--store", type=click.Choice(["maps", "features"]), default="maps", show_default=True,
+              help="maps: the priors of the planned episodes; features: also every query's and (support, class)'s "
+                   "VVP features, so the cache serves any episode a trainer draws (docs/training-loop.md).")
+@click.option("--supports-per-query", type=click.IntRange(1, None), default=None, metavar="M",
+              help="Pool cache for training: for every (query, class) of the list, M supports drawn by the "
+                   "trainers' protocol, each a one-shot VVP; any --shot K <= M of them make an episode the cache "
+                   "serves (replaces --episodes).")
 @click.option("--shard", default=None, metavar="I/N",
               help="Compute shard I of N (merge the shards with `clipprior merge`); set automatically under torchrun.")
 @click.option("--chunk-images", type=click.IntRange(1, None), default=64, show_default=True,
@@ -123,25 +130,36 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                model: str, device: str, dtype: str, batch_size: str, workers: int | None, text_classes: str | None,
                preset: str, geometry: str | None, geometry_size: int | None,
                list_root: Path | None, base_list: Path | None, episode_file: Path | None, coco_split: str,
-               on_error: str, shard: str | None,
+               on_error: str, store: str, supports_per_query: int | None, shard: str | None,
                chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
     r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
     cache is written in atomic segments, so rerunning the same command after a crash resumes.
+    For training with random episodes, --store features serves any episode and
+    --supports-per-query M any K of M planned supports per query and class.
 
     \b
     Examples:
       clipprior precompute --dataset pascal5i --fold 0 --data-root ~/data/VOCdevkit2012/VOC2012
       clipprior precompute --dataset coco20i --fold 1 --data-root ~/data/MSCOCO2014 --shot 5 --dtype fp16
       clipprior precompute --dataset pascal5i --fold 0 --data-root DIR --shard 0/4 --out p.h5
+      clipprior precompute --dataset pascal5i --fold 0 --split train --data-root DIR --store features
+      clipprior precompute --dataset pascal5i --fold 0 --split train --data-root DIR --shot 5 --supports-per-query 8
       torchrun --nproc-per-node 8 -m clipprior.cli.main precompute --dataset coco20i --fold 0 --split train ...
     """
     from clipprior import get_preset, load_clip
     from clipprior._device import local_rank_device
     from clipprior.cache import CacheWriter, shard_from_environment
-    from clipprior.data import default_episodes, open_dataset, prompt_names, read_episodes, sample_episodes
-    from clipprior.precompute import build_provenance, episode_records, run_precompute
+    from clipprior.data import (
+        default_episodes,
+        open_dataset,
+        pool_episodes,
+        prompt_names,
+        read_episodes,
+        sample_episodes,
+    )
+    from clipprior.precompute import build_provenance, episode_records, run_precompute, store_features
 
     batch = parse_batch_size(batch_size)
     config = get_preset(preset)
@@ -157,6 +175,15 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     console.print(f"[bold]clipprior precompute[/] {dataset} fold {fold} {split}, {shot}-shot -> {out}")
     if base_list is not None and list_root is not None:
         raise click.UsageError("--base-list builds the lists; it cannot be combined with --list-root")
+    if supports_per_query is not None:
+        for given, name in ((store == "features", "--store features"), (n_episodes is not None, "--episodes"),
+                            (episode_file is not None, "--episode-file")):
+            if given:
+                raise click.UsageError(f"--supports-per-query plans its own episodes (a pool per query and class); "
+                                       f"it cannot be combined with {name}")
+        if shot > supports_per_query:
+            raise click.UsageError(f"--shot {shot} needs at least {shot} supports per query: "
+                                   f"use --supports-per-query {shot} or more")
     data = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                         on_error=on_error, base_list=base_list)
     if episode_file is not None:
@@ -164,6 +191,9 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
         meta.check_dataset(data)
         shot = episodes[0].shot if episodes else shot
         seed = int(meta.seed)
+    elif supports_per_query is not None:
+        episodes = pool_episodes(data, supports_per_query, seed=seed)
+        store, shot = "pool", 1  # one-shot entries: any K <= M of a pool make an episode
     else:
         count = n_episodes or default_episodes(dataset)
         episodes = sample_episodes(data, count, shot=shot, seed=seed)
@@ -175,7 +205,9 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
         clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
         list_checksum=data.list_checksum, class_names=names, batch_size=batch_size, chunk_images=chunk_images,
         chunk_episodes=chunk_episodes,
-        extra={"coco_split": coco_split, "data_root": str(Path(data_root).expanduser().resolve())},
+        extra={"coco_split": coco_split, "data_root": str(Path(data_root).expanduser().resolve()),
+               **({"store": store} if store != "maps" else {}),
+               **({"supports_per_query": supports_per_query} if supports_per_query is not None else {})},
     )
     with CacheWriter(out, provenance, shard=shard_spec) as writer:
         if on_error == "raise":  # under skip the engine registers what it computes: dropped episodes stay out
@@ -184,21 +216,37 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
 
         plan = plan_work(episodes, shard_spec)
         labels = {"query": "queries", "support": "supports", "episode": "episodes"}
-        with ProgressDisplay(list(labels.values()), console=console) as show:
+        feature_labels = {"query": "query features", "support": "support features"}
+        say = lambda line: console.print(f"[yellow]{line}[/]")  # noqa: E731
+        rows = list(labels.values()) + (list(feature_labels.values()) if store == "features" else [])
+        with ProgressDisplay(rows, console=console) as show:
             show.update("queries", 0, len(plan.queries))
             show.update("supports", 0, len(plan.support_uses))
             show.update("episodes", 0, sum(len(q.episodes) for q in plan.queries))
+            fstats = None
+            if store == "features":  # first: the VTP of every query of the lists comes from the same batches
+                fstats = store_features(clip, data, writer, class_names=names, config=config, batch_size=batch,
+                                        workers=workers, shard=shard_spec, chunk_images=chunk_images,
+                                        on_error=on_error, log=say,
+                                        on_plan=lambda kind, total: show.update(feature_labels[kind], 0, total),
+                                        progress=lambda kind, n: show.advance(feature_labels[kind], n))
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
                                    batch_size=batch, workers=workers, shard=shard_spec, chunk_images=chunk_images,
                                    chunk_episodes=chunk_episodes, on_error=on_error,
-                                   progress=lambda kind, n: show.advance(labels[kind], n),
-                                   log=lambda line: console.print(f"[yellow]{line}[/]"))
+                                   progress=lambda kind, n: show.advance(labels[kind], n), log=say)
         path = writer.finalize()
     if stats.problems:
         console.print(f"[yellow]dropped {len(stats.dropped)} episode(s) that need a broken file[/] "
                       f"(--on-error skip):\n{stats.problems.summary()}", highlight=False, soft_wrap=True)
+    if fstats is not None and fstats.problems:
+        console.print(f"[yellow]left out the features of broken files[/] (--on-error skip):\n"
+                      f"{fstats.problems.summary()}", highlight=False, soft_wrap=True)
+    extra = ""
+    if fstats is not None:
+        extra = (f"; features: {fstats.vtp_written} VTP and {fstats.features_written} feature entries, "
+                 f"{fstats.query_passes} query and {fstats.support_passes} support passes")
     console.print(
         f"[green]done[/] {path}: {stats.vtp_written} VTP and {stats.vvp_written} VVP written "
         f"({stats.skipped_vvp} episodes already cached); {stats.query_passes} query and "
-        f"{stats.support_passes} support passes"
+        f"{stats.support_passes} support passes{extra}"
     )

@@ -69,6 +69,7 @@ __all__ = [
     "Episode",
     "EpisodeMeta",
     "default_episodes",
+    "pool_episodes",
     "read_episodes",
     "sample_episodes",
     "write_episodes",
@@ -268,6 +269,76 @@ def sample_episodes(dataset: FSSDataset, n_episodes: int | None = None, shot: in
         elif index not in reported:
             reported.add(index)
             policy(problem)
+    return episodes
+
+
+def pool_episodes(dataset: FSSDataset, supports_per_query: int, seed: int = 0) -> list[Episode]:
+    """One-shot episodes planning a pool of supports for every (query, class) a trainer can draw.
+
+    A trainer of the PFENet family draws, for query ``i`` of its list, a class present in the
+    query's mask and K supports of that class, afresh every epoch. A *pool cache* serves those
+    episodes from a fixed pool: for every query of ``dataset.items`` and every fold class present in
+    its mask, ``supports_per_query`` distinct supports are drawn with step 3 of the protocol
+    (:func:`draw_supports`: never the query itself) -- all of the class's other supports when it
+    has fewer -- and each (query, class, support) becomes a one-shot episode. A K-shot VVP is the
+    stack of its supports' one-shot VVPs, so the cache serves any K supports of a pool
+    (:meth:`clipprior.PriorCache.episode_priors`), which :class:`clipprior.EpisodeSampler` draws
+    each epoch.
+
+    The draws of query ``i`` come from ``np.random.default_rng((seed, i))``: a query's pool does not
+    depend on the rest of the list (nor on a shard).
+
+    Args:
+        dataset: The training fold (its ``items`` are the queries, ``class_index`` the supports).
+        supports_per_query: M, the most supports planned per (query, class).
+        seed: Base seed.
+
+    Returns:
+        Episodes in list order, then class order, then draw order.
+
+    Raises:
+        InvalidInputError: for a bad ``supports_per_query`` or ``seed``.
+        DatasetError: a query without a fold class, or a class without any support besides the query
+            (under ``on_error="raise"``; reported and left out under ``"skip"``), or an empty list.
+
+    Example:
+        >>> episodes = pool_episodes(ds, supports_per_query=8, seed=0)  # doctest: +SKIP
+        >>> {len(e.supports) for e in episodes}  # doctest: +SKIP
+        {1}
+    """
+    for name, value, low in (("supports_per_query", supports_per_query, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not dataset.items:
+        raise DatasetError(f"the {dataset.name} fold {dataset.fold} {dataset.split} list is empty "
+                           f"({dataset.list_source})")
+    policy = _Policy(dataset.on_error, dataset.report)
+    episodes: list[Episode] = []
+    planned: set[tuple[str, int]] = set()
+    for index, (image_id, label_id) in enumerate(dataset.items):
+        rng = np.random.default_rng((int(seed), index))
+        try:
+            present = dataset.present_classes(label_id)
+        except ClipPriorError as err:
+            policy(Problem(str(dataset.path(label_id)), str(err), missing=isinstance(err, DataNotFoundError)))
+            continue
+        if not present:
+            policy(Problem(str(dataset.path(label_id)), f"query mask has none of the fold's classes "
+                           f"{dataset.classes}; the list does not match this fold and split"))
+            continue
+        query = (image_id, label_id)
+        for class_id in present:
+            if (image_id, int(class_id)) in planned:
+                continue
+            planned.add((image_id, int(class_id)))
+            pool = dataset.class_index.get(class_id, [])
+            available = sum(1 for pair in pool if pair != query)
+            if available == 0:
+                policy(Problem(str(dataset.path(image_id)), f"class {class_id} has no support besides this query "
+                               "in its support list: a trainer drawing this class for it has no episode"))
+                continue
+            for k in draw_supports(rng, pool, query, min(int(supports_per_query), available)):
+                episodes.append(Episode(image_id, label_id, int(class_id), (pool[k],)))
     return episodes
 
 

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 from clipprior.precompute.engine import recompute_episode, run_precompute
+from clipprior.precompute.features import feature_plan, store_features
 from clipprior.precompute.plan import (
     PrecomputeStats,
     QueryWork,
@@ -54,9 +55,11 @@ __all__ = [
     "build_provenance",
     "computation_settings",
     "episode_records",
+    "feature_plan",
     "geometry_description",
     "plan_chunks",
     "plan_work",
     "recompute_episode",
     "run_precompute",
+    "store_features",
 ]

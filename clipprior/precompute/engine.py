@@ -14,8 +14,6 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
-
 from clipprior._memory import release_freed_memory
 from clipprior.config import PriorConfig
 from clipprior.data.images import fss_mask
@@ -32,7 +30,7 @@ from clipprior.precompute.load import (
     query_job,
     support_job,
 )
-from clipprior.precompute.passes import auto_batch_size, is_out_of_memory, query_features, query_pass, support_pass
+from clipprior.precompute.passes import BatchLimit, auto_batch_size, query_features, query_pass, support_pass
 from clipprior.precompute.plan import (
     BatchSize,
     ChunkSchedule,
@@ -160,7 +158,7 @@ def run_precompute(
         store = SupportStore(schedule.support_uses)
         pin = clip.device.type == "cuda"
         stream = loader.stream(_load_jobs(schedule, dataset, patch, config, class_names, pin, faults))
-        limit = _BatchLimit(fixed, say)
+        limit = BatchLimit(fixed, say)
         with WriteThread() as out:
             for step in schedule.chunks:
                 if step.runs:
@@ -241,7 +239,7 @@ def _load_jobs(schedule: Schedule, dataset: Dataset, patch: int, config: PriorCo
 
 def _run_chunk(
     clip: ClipBundle, episodes: Sequence[Any], step: ChunkSchedule, stream: Iterator[Any], store: SupportStore,
-    limit: _BatchLimit, out: WriteThread, writer: Writer, text: TextFeatures, config: PriorConfig,
+    limit: BatchLimit, out: WriteThread, writer: Writer, text: TextFeatures, config: PriorConfig,
     stats: PrecomputeStats, report: ProgressFn, faults: LoadFaults, records: list[Any],
 ) -> None:
     """One chunk on the device: its query batches, its support batches, its episodes' VVP, a commit.
@@ -303,46 +301,6 @@ def _release(store: SupportStore, episode: Any) -> None:
             store.take(key)
         elif key in store.remaining:
             store.remaining[key] -= 1
-
-
-class _BatchLimit:
-    """The most images a pass may take; at ``--batch-size auto``, halved when the device runs out of memory.
-
-    A planned batch larger than the limit runs as consecutive parts; nothing of a part that failed
-    was kept or written, so no finished work is lost and no entry is written twice.
-    """
-
-    def __init__(self, fixed: int | None, say: Callable[[str], None]) -> None:
-        self.fixed = fixed
-        self.size: int | None = None
-        self.say = say
-
-    def run(self, batch: Any, fn: Callable[[Any], None]) -> None:
-        for part in batch.split(self.size) if self.size else [batch]:
-            self._run_part(part, fn)
-
-    def _run_part(self, part: Any, fn: Callable[[Any], None]) -> None:
-        try:
-            fn(part)
-            return
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if self.fixed is not None:
-                raise InvalidInputError(f"the device ran out of memory on a batch of {len(part)} images at "
-                                        f"--batch-size {self.fixed}; use a smaller --batch-size or --batch-size auto"
-                                        ) from exc
-            if len(part) == 1:
-                raise InvalidInputError("the device ran out of memory on a single image; free device memory, "
-                                        "or use a lower precision (--dtype) or a smaller model") from exc
-        half = max(1, len(part) // 2)  # out of the except block: the error's frames (and tensors) are gone
-        self.size = half if self.size is None else min(self.size, half)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.say(f"out of device memory on a batch of {len(part)} images: halved to {half} "
-                 "for the rest of the run (finished work is kept)")
-        for sub in part.split(half):
-            self._run_part(sub, fn)
 
 
 def recompute_episode(

@@ -7,16 +7,21 @@ features of each (support image, class) on its foreground cells.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from clipprior._vision import patch_grid
 from clipprior.config import PriorConfig
+from clipprior.errors import InvalidInputError
 from clipprior.model import ClipBundle
 from clipprior.precompute.load import QueryBatch, SupportBatch
 from clipprior.preprocess import vvp_inputs
 from clipprior.priors import TextFeatures, VTPResult, layer_features, support_features, vtp_pass
 
 __all__ = [
+    "BatchLimit",
     "auto_batch_size",
     "is_out_of_memory",
     "query_bytes_per_image",
@@ -110,3 +115,49 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether an error is the device running out of memory."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class BatchLimit:
+    """The most images a pass may take; at ``--batch-size auto``, halved when the device runs out of memory.
+
+    Args:
+        fixed: The fixed batch size (an out-of-memory error is then the user's to fix), or ``None``
+            for ``"auto"``.
+        say: Called with the line that tells a halving.
+
+    A planned batch larger than the limit runs as consecutive parts; nothing of a part that failed
+    was kept or written, so no finished work is lost and no entry is written twice.
+    """
+
+    def __init__(self, fixed: int | None, say: Callable[[str], None]) -> None:
+        self.fixed = fixed
+        self.size: int | None = None
+        self.say = say
+
+    def run(self, batch: Any, fn: Callable[[Any], None]) -> None:
+        """``fn`` on ``batch`` (a :class:`QueryBatch` or :class:`SupportBatch`), in parts of at most the limit."""
+        for part in batch.split(self.size) if self.size else [batch]:
+            self._run_part(part, fn)
+
+    def _run_part(self, part: Any, fn: Callable[[Any], None]) -> None:
+        try:
+            fn(part)
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self.fixed is not None:
+                raise InvalidInputError(f"the device ran out of memory on a batch of {len(part)} images at "
+                                        f"--batch-size {self.fixed}; use a smaller --batch-size or --batch-size auto"
+                                        ) from exc
+            if len(part) == 1:
+                raise InvalidInputError("the device ran out of memory on a single image; free device memory, "
+                                        "or use a lower precision (--dtype) or a smaller model") from exc
+        half = max(1, len(part) // 2)  # out of the except block: the error's frames (and tensors) are gone
+        self.size = half if self.size is None else min(self.size, half)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.say(f"out of device memory on a batch of {len(part)} images: halved to {half} "
+                 "for the rest of the run (finished work is kept)")
+        for sub in part.split(half):
+            self._run_part(sub, fn)

@@ -117,6 +117,7 @@ class PrecomputeStats:
         vvp_written: VVP entries written.
         skipped_vtp: VTP entries already in the cache (resume).
         skipped_vvp: VVP entries already in the cache (resume).
+        features_written: Query and support feature entries written (``--store features``).
         dropped: Episodes dropped because a file they need is broken (``on_error="skip"``), ascending.
         problems: The broken files met, one problem each, naming the episodes they took down.
     """
@@ -127,6 +128,7 @@ class PrecomputeStats:
     vvp_written: int = 0
     skipped_vtp: int = 0
     skipped_vvp: int = 0
+    features_written: int = 0
     dropped: list[int] = field(default_factory=list)
     problems: DataReport = field(default_factory=DataReport)
 

@@ -12,7 +12,7 @@ import torch
 
 from clipprior.config import PriorConfig
 from clipprior.precompute.plan import SupportKey
-from clipprior.priors import SupportCells, best_cosine_match, minmax_normalize, pir
+from clipprior.priors import SupportCells, pir, vvp_from_cells
 
 __all__ = ["QueryFeatures", "SupportStore", "episode_vvp", "refine"]
 
@@ -49,10 +49,4 @@ def episode_vvp(episode: Any, query_features: dict[str, QueryFeatures], store: S
     """
     feats, norms, grid = query_features[episode.query_image]
     cells = SupportCells.cat([store.take((image, label, int(episode.class_id))) for image, label in episode.supports])
-    shots = int(cells.features.shape[0])
-    best = best_cosine_match(feats[None].expand(shots, *feats.shape), norms[None].expand(shots, *norms.shape),
-                             cells, config.vvp_eps).reshape(-1, *grid)  # (K*L, h, w)
-    if config.vvp_normalize:
-        best = minmax_normalize(best, config.vvp_eps)
-    stacked = best.reshape(shots, -1, *grid).transpose(0, 1)  # (L, K, h, w): layer-major, shots inner
-    return stacked.reshape(-1, *grid)
+    return vvp_from_cells(feats, norms, cells, grid, eps=config.vvp_eps, normalize_maps=config.vvp_normalize)

@@ -106,23 +106,26 @@ def build_provenance(
 
 
 def computation_settings(clip: ClipBundle, *, batch_size: int | str, chunk_images: int,
-                         chunk_episodes: int) -> dict[str, Any]:
+                         chunk_episodes: int | None = None) -> dict[str, Any]:
     """The settings of a run that change the numbers of its CLIP passes (part of the provenance).
 
     Values use the command line's spelling (``--dtype fp32``, ``--device cpu``), so a refused
-    resume shows what to pass.
+    resume shows what to pass. ``chunk_episodes`` is left out when ``None`` (a stage without
+    episodes, such as :func:`~clipprior.precompute.store_features`, does not depend on it).
 
     Example:
         >>> computation_settings(clip, batch_size=8, chunk_images=64, chunk_episodes=256)  # doctest: +SKIP
         {'dtype': 'fp32', 'device': 'cpu', 'batch_size': 8, 'chunk_images': 64, 'chunk_episodes': 256}
     """
-    return {
+    settings: dict[str, Any] = {
         "dtype": dtype_name(clip.dtype),
         "device": clip.device.type,
         "batch_size": batch_size if batch_size == "auto" else int(batch_size),
         "chunk_images": int(chunk_images),
-        "chunk_episodes": int(chunk_episodes),
     }
+    if chunk_episodes is not None:
+        settings["chunk_episodes"] = int(chunk_episodes)
+    return settings
 
 
 def check_recorded_settings(writer: Any, clip: ClipBundle, **sizes: int | str) -> None:
