@@ -50,31 +50,9 @@ if os.environ.get("CLIPPRIOR_ROOT"):
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path.insert(0, os.environ["CLIPPRIOR_ROOT"])
 
-
-def _clip(kind: str, device: str, dtype: str) -> Any:
-    """A CLIP with seeded random weights: ``tiny`` (near-free passes) or ``vit-b16`` (the real architecture)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from clipprior.model import ClipBundle, default_tokenizer
-
-    if kind == "tiny":
-        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-                  "patch_size": 16, "image_size": 64, "hidden_act": "quick_gelu"}
-        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
-                "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
-        projection = 16
-    else:
-        vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "patch_size": 16, "image_size": 224, "hidden_act": "quick_gelu"}
-        text = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
-                "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
-        projection = 512
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
-    model = CLIPModel._from_config(config, attn_implementation="sdpa")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = model.to(device=device, dtype=torch_dtype).eval()
-    return ClipBundle(model=model, tokenizer=default_tokenizer(), source=f"random {kind}", checksum=f"random-{kind}")
+sys.path.insert(0, str(HERE))
+from _common import random_clip  # noqa: E402  (after the CLIPPRIOR_ROOT switch; it imports clipprior lazily)
+from _report import append_result  # noqa: E402
 
 
 def _git(path: Path) -> str | None:
@@ -100,11 +78,21 @@ def _pascal(args: argparse.Namespace) -> Path:
     """The synthetic PASCAL-5i fold 0 val at real sizes (written once into ``--data-root``)."""
     root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipe-")) / "VOC2012"
     if not (root / "JPEGImages").is_dir():
-        sys.path.insert(0, str(HERE))
         from _synthetic_fold import write_synthetic_fold
 
         write_synthetic_fold(root, SHARED / "lists" / "pascal", 0, "val", seed=0, scale=args.image_scale)
     return root
+
+
+def _fold(args: argparse.Namespace, model: str, dtype: str) -> tuple[Any, Any, list[Any], list[str]]:
+    """CLIP, dataset, ``--episodes`` sampled episodes (seed 321) and class names of the synthetic PASCAL fold."""
+    from clipprior.data import open_dataset, prompt_names, sample_episodes
+
+    root = _pascal(args)
+    clip = random_clip(model, args.device, dtype)
+    dataset = open_dataset("pascal5i", root, 0, "val", list_root=SHARED / "lists" / "pascal")
+    episodes = sample_episodes(dataset, args.episodes, shot=args.shot, seed=321)
+    return clip, dataset, episodes, prompt_names("pascal5i")
 
 
 class _Timer:
@@ -178,13 +166,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_host(args: argparse.Namespace) -> dict[str, Any]:
     """Host time outside CLIP passes per unique image, tiny CLIP, median of ``--repeats`` runs."""
-    from clipprior.data import open_dataset, prompt_names, sample_episodes
-
-    root = _pascal(args)
-    clip = _clip("tiny", args.device, args.dtype)
-    dataset = open_dataset("pascal5i", root, 0, "val", list_root=SHARED / "lists" / "pascal")
-    episodes = sample_episodes(dataset, args.episodes, shot=args.shot, seed=321)
-    names = prompt_names("pascal5i")
+    clip, dataset, episodes, names = _fold(args, "tiny", args.dtype)
     kwargs = _engine_kwargs(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench-host-"))
     _run_engine(clip, dataset, episodes, names, tmp / "warm.h5", None, **kwargs)  # warm-up: file cache, kernels
@@ -208,13 +190,8 @@ def cmd_host(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_overlap(args: argparse.Namespace) -> dict[str, Any]:
     """Loads and writes slowed by sleeps: serial vs pipelined wall time against the sum of the sleeps."""
     from clipprior.cache import CacheWriter
-    from clipprior.data import open_dataset, prompt_names, sample_episodes
 
-    root = _pascal(args)
-    clip = _clip("tiny", args.device, args.dtype)
-    dataset = open_dataset("pascal5i", root, 0, "val", list_root=SHARED / "lists" / "pascal")
-    episodes = sample_episodes(dataset, args.episodes, shot=args.shot, seed=321)
-    names = prompt_names("pascal5i")
+    clip, dataset, episodes, names = _fold(args, "tiny", args.dtype)
     delay = args.delay
     counts = {"loads": 0, "writes": 0}
 
@@ -291,17 +268,15 @@ class _MemoryWriter:
     def commit(self) -> int:
         return 0
 
+    def set_episodes(self, records: Any) -> None:  # the engine registers the episodes it computed
+        pass
+
 
 def cmd_batchdiff(args: argparse.Namespace) -> dict[str, Any]:
     """Largest float32 difference of each map kind between batch sizes (against batch 1)."""
     import clipprior.precompute as engine
-    from clipprior.data import open_dataset, prompt_names, sample_episodes
 
-    root = _pascal(args)
-    clip = _clip(args.model, args.device, "fp32")
-    dataset = open_dataset("pascal5i", root, 0, "val", list_root=SHARED / "lists" / "pascal")
-    episodes = sample_episodes(dataset, args.episodes, shot=args.shot, seed=321)
-    names = prompt_names("pascal5i")
+    clip, dataset, episodes, names = _fold(args, args.model, "fp32")
     results: dict[str, _MemoryWriter] = {}
     for size in args.sizes:
         writer = _MemoryWriter()
@@ -370,7 +345,6 @@ def _list_episodes(class_index: dict[int, list[tuple[str, str]]], count: int, sh
 
 def cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
     """A COCO-20i-shaped fold through the engine: batch fill of the plan, wall time, passes."""
-    sys.path.insert(0, str(HERE))
     from _synthetic_fold import _rng, coco_size, write_synthetic_images
 
     from clipprior.data import num_classes, prompt_names, read_fss_lists
@@ -432,7 +406,7 @@ def cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
                                                             coco_size, seed=0, scale=args.image_scale)))
     result["images"] = json.loads(marker.read_text())
     result["write_images_s"] = time.perf_counter() - start
-    clip = _clip(args.model, args.device, args.dtype)
+    clip = random_clip(args.model, args.device, args.dtype)
     timer = _Timer(clip.device)
     out = Path(tempfile.mkdtemp(prefix="bench-coco-out-")) / "priors.h5"
     wall, stats = _run_engine(clip, dataset, episodes, prompt_names("coco20i"), out, timer, **_engine_kwargs(args))
@@ -466,11 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"host": cmd_host, "overlap": cmd_overlap, "batchdiff": cmd_batchdiff, "coco": cmd_coco}[args.what](args)
-    line = json.dumps(result, sort_keys=True)
-    print(line)
+    print(json.dumps(result, sort_keys=True))
     if args.record:
-        with (HERE / "results.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        append_result(result)
     return 0
 
 

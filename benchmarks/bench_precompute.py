@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import MODELS, random_clip
 from _report import (
     append_result,
     current_rss_mb,
@@ -59,7 +60,6 @@ from _report import (
 )
 from _synthetic_fold import VOC_SIZES, write_synthetic_fold
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel
 
 import clipprior.precompute as engine
 import clipprior.precompute.engine as engine_stage
@@ -68,7 +68,7 @@ import clipprior.precompute.post as post_stage
 from clipprior import PriorConfig, get_preset
 from clipprior.cache import CacheWriter
 from clipprior.data import open_dataset, prompt_names, sample_episodes
-from clipprior.model import ClipBundle, default_tokenizer
+from clipprior.model import ClipBundle
 from clipprior.preprocess import normalize, preprocess_query
 from clipprior.priors import TextFeatures, encode_text, layer_features, pir, support_features, vtp, vvp_from_features
 
@@ -87,41 +87,6 @@ GOALS = {"speedup_1shot": 4.0, "speedup_5shot": 9.0, "pass_ratio": 1.15, "memory
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-def vit_b16_config() -> CLIPConfig:
-    """The real ViT-B/16 CLIP architecture (OpenAI's weights have exactly these shapes)."""
-    return CLIPConfig(
-        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
-                     "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "patch_size": 16, "image_size": 224, "hidden_act": "quick_gelu"},
-        projection_dim=512,
-    )
-
-
-def tiny_config() -> CLIPConfig:
-    """A CLIP small enough for CI (same patch size, so the same grids)."""
-    return CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
-                     "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-                       "patch_size": 16, "image_size": 64, "hidden_act": "quick_gelu"},
-        projection_dim=16,
-    )
-
-
-MODELS: dict[str, Callable[[], CLIPConfig]] = {"vit-b16": vit_b16_config, "tiny": tiny_config}
-
-
-def random_clip(kind: str, device: str, dtype: str, seed: int = 0) -> ClipBundle:
-    """A CLIP of architecture ``kind`` with seeded random weights, sdpa attention, in eval mode."""
-    torch.manual_seed(seed)
-    model = CLIPModel._from_config(MODELS[kind](), attn_implementation="sdpa")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = model.to(device=device, dtype=torch_dtype).eval()
-    return ClipBundle(model=model, tokenizer=default_tokenizer(), source=f"random {kind} (seed {seed})",
-                      checksum=f"random-{kind}-{seed}")
 
 
 def attn_implementation(clip: ClipBundle) -> str:

@@ -201,3 +201,19 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, by its path in the file (attributes left out)."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    """The same datasets with the same values, bit for bit (the provenance of the two runs may differ)."""
+    left, right = h5_arrays(a), h5_arrays(b)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random CLIPs (no download anywhere) and the reference directory."""
+"""Shared fixtures: tiny random CLIPs (no download anywhere), the reference directory, a synthetic VOC."""
 
 from __future__ import annotations
 
@@ -63,3 +63,28 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory, tiny_clip: CLIPModel
     tiny_clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir: Path):  # -> clipprior.ClipBundle
+    """The tiny random CLIP loaded on the CPU, once per test module (modules may define their own)."""
+    from clipprior import load_clip
+
+    return load_clip(tiny_clip_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic PASCAL-5i (3 images per class, 72x100), written once per test module (tests may damage it)."""
+    from clipprior.data.synthetic import write_synthetic_pascal
+
+    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
+
+
+def precompute_args(data_root: Path, model: Path | str, out: Path, *extra: str) -> list[str]:
+    """``clipprior precompute`` of 12 PASCAL-5i fold-0 val episodes (seed 5) with ``model`` on the CPU, and ``extra``.
+
+    Positions 0-4 are ``precompute --dataset pascal5i --fold 0`` (tests swap the fold by slicing).
+    """
+    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(data_root), "--model",
+            str(model), "--device", "cpu", "--episodes", "12", "--seed", "5", "--out", str(out), *extra]

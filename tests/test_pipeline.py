@@ -10,32 +10,20 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
-from clipprior import load_clip
 from clipprior.cache import CacheWriter
 from clipprior.data import open_dataset, prompt_names, sample_episodes
-from clipprior.data.synthetic import write_synthetic_pascal
 from clipprior.errors import DatasetError, InvalidInputError
 from clipprior.precompute import engine as engine_stage
 from clipprior.precompute import episode_records, run_precompute
 from clipprior.precompute import passes as passes_stage
 from clipprior.precompute.load import Loader, LoadJob
+from tests._cache_job import assert_same_arrays, h5_arrays
 
 NAMES = prompt_names("pascal5i")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_clip_dir):
-    return load_clip(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +34,6 @@ def dataset(data_root):
 @pytest.fixture(scope="module")
 def episodes(dataset):
     return sample_episodes(dataset, 16, shot=2, seed=3)
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def _assert_same(a: Path, b: Path) -> None:
-    left, right = _arrays(a), _arrays(b)
-    assert sorted(left) == sorted(right)
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 def _run(clip, dataset, episodes, out: Path, chunk_images: int = 3, **kwargs) -> object:
@@ -155,7 +129,7 @@ def test_interrupt_stops_the_workers_and_the_cache_resumes(tmp_path, clip, datas
     assert list((tmp_path / "p.h5.parts").glob("seg-*.h5")), "the chunks done before Ctrl-C are kept"
     stats = _run(clip, dataset, episodes, out, workers=2)
     assert stats.skipped_vvp > 0
-    _assert_same(reference, out)
+    assert_same_arrays(reference, out)
 
 
 def test_writer_thread_error_reaches_the_caller(tmp_path, clip, dataset, episodes):
@@ -175,7 +149,7 @@ def test_workers_do_not_change_the_cache(tmp_path, clip, dataset, episodes):
     for workers in (0, 3):
         outs.append(tmp_path / f"w{workers}.h5")
         _run(clip, dataset, episodes, outs[-1], workers=workers, batch_size=4)
-    _assert_same(*outs)
+    assert_same_arrays(*outs)
 
 
 def test_slow_loads_and_writes_overlap(tmp_path, clip, dataset, episodes):
@@ -202,7 +176,7 @@ def test_slow_loads_and_writes_overlap(tmp_path, clip, dataset, episodes):
     slowed = timed(slow, SlowWriter, tmp_path / "slow.h5", 4)
     injected = slow.loads * delay + sum(len(q.classes) for q in _queries(episodes)) * delay
     assert slowed - plain < 0.75 * injected, (slowed, plain, injected)  # serial, it would grow by all of it
-    _assert_same(tmp_path / "plain0.h5", tmp_path / "slow.h5")
+    assert_same_arrays(tmp_path / "plain0.h5", tmp_path / "slow.h5")
 
 
 def _queries(episodes):
@@ -240,7 +214,7 @@ def test_out_of_memory_at_auto_halves_the_batch_and_loses_nothing(tmp_path, clip
         writer.finalize()
     assert max(seen) > 2 and any("halved to" in line for line in lines)
     assert stats.vvp_written == len(episodes)
-    _assert_same(reference, out)  # the planned batches of 8, run in parts of 2, are the planned batches of 2
+    assert_same_arrays(reference, out)  # the planned batches of 8, run in parts of 2, are the planned batches of 2
 
     with pytest.raises(InvalidInputError, match="--batch-size 4; use a smaller --batch-size or --batch-size auto"):
         _run(clip, dataset, episodes, tmp_path / "fixed.h5", batch_size=4, workers=0)
@@ -256,7 +230,7 @@ def test_auto_batch_size_follows_tokens_on_cpu(clip):
 def test_batch_size_changes_numbers_only_by_reassociation(tmp_path, clip, dataset, episodes):
     outs = {}
     for size in (1, 3, "auto"):
-        outs[size] = _arrays(_run_path(tmp_path, clip, dataset, episodes, size))
+        outs[size] = h5_arrays(_run_path(tmp_path, clip, dataset, episodes, size))
     for size in (3, "auto"):
         for key, values in outs[1].items():
             if values.dtype.kind == "f":
@@ -295,4 +269,4 @@ def test_torchrun_two_cpu_ranks_merge_to_the_single_run(tmp_path, data_root, tin
     done = subprocess.run([sys.executable, "-m", "clipprior.cli.main", "merge", str(merged), *map(str, shards)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    _assert_same(single, merged)
+    assert_same_arrays(single, merged)

@@ -17,53 +17,20 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipprior import PriorConfig, compute_priors, load_clip
+from clipprior import PriorConfig, compute_priors
 from clipprior.cache import CacheWriter, PriorCache
 from clipprior.cli.main import app
 from clipprior.data import open_dataset, prompt_names, sample_episodes
-from clipprior.data.synthetic import write_synthetic_pascal
 from clipprior.precompute import QueryWork, build_provenance, episode_records, plan_chunks, plan_work, run_precompute
+from tests._cache_job import assert_same_arrays, h5_arrays
+from tests.conftest import precompute_args
 
 FP16_TOL = 2e-3  # maps are stored as float16 in [0, 1]: half a unit in the last place is 2.4e-4 at 1.0
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_clip_dir):
-    return load_clip(tiny_clip_dir, device="cpu")
 
 
 def _run_cli(args: list[str]) -> object:
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     return result
-
-
-def _base_args(data_root: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(data_root), "--model",
-            str(model), "--device", "cpu", "--episodes", "12", "--seed", "5", "--out", str(out), *extra]
-
-
-def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-
-    def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset):
-            out[name] = obj[()]
-
-    with h5py.File(path, "r") as handle:
-        handle.visititems(visit)
-    return out
-
-
-def _assert_same_arrays(a: Path, b: Path) -> None:
-    left, right = _h5_arrays(a), _h5_arrays(b)
-    assert sorted(left) == sorted(right)
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 def test_plan_deduplicates_queries_and_supports(data_root):
@@ -131,7 +98,7 @@ def test_chunking_changes_commits_not_priors(tmp_path, data_root, clip):
     plan = plan_work(episodes)
     assert commits[1] >= len(plan_chunks(plan.queries, 64, 2)) > len(plan_chunks(plan.queries, 64, 256))
     assert commits[1] > commits[0]
-    left, right = _h5_arrays(tmp_path / "p256.h5"), _h5_arrays(tmp_path / "p2.h5")
+    left, right = h5_arrays(tmp_path / "p256.h5"), h5_arrays(tmp_path / "p2.h5")
     assert sorted(left) == sorted(right)
     for key in left:  # batch_size=1: the same passes whatever the chunking, so the same numbers
         np.testing.assert_array_equal(left[key], right[key], err_msg=key)
@@ -156,7 +123,7 @@ def test_sizes_from_headers_or_decoding_plan_the_same_cache(tmp_path, data_root,
             writer.set_episodes(episode_records(episodes))
             run_precompute(clip, source, episodes, writer, class_names=prompt_names("pascal5i"), batch_size=2)
             writer.finalize()
-    _assert_same_arrays(*outs)
+    assert_same_arrays(*outs)
 
 
 def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, data_root, clip):
@@ -197,8 +164,8 @@ def test_engine_runs_each_unique_pass_once_and_matches_direct_calls(tmp_path, da
 
 def test_present_mode_changes_vtp_and_is_recorded(tmp_path, data_root, tiny_clip_dir):
     a, b = tmp_path / "target.h5", tmp_path / "present.h5"
-    assert _run_cli(_base_args(data_root, tiny_clip_dir, a)).exit_code == 0
-    assert _run_cli(_base_args(data_root, tiny_clip_dir, b, "--text-classes", "present")).exit_code == 0
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, a)).exit_code == 0
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, b, "--text-classes", "present")).exit_code == 0
     ca, cb = PriorCache(a), PriorCache(b)
     assert ca.provenance["text_classes"] == "target" and cb.provenance["text_classes"] == "present"
     assert cb.config.text_classes == "present"
@@ -209,67 +176,68 @@ def test_present_mode_changes_vtp_and_is_recorded(tmp_path, data_root, tiny_clip
 
 def test_cli_resumes_and_refuses_other_settings(tmp_path, data_root, tiny_clip_dir):
     out = tmp_path / "p.h5"
-    first = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    first = _run_cli(precompute_args(data_root, tiny_clip_dir, out))
     assert first.exit_code == 0, first.output
-    again = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    again = _run_cli(precompute_args(data_root, tiny_clip_dir, out))
     assert again.exit_code == 0
     assert "0 VTP and 0 VVP written" in " ".join(again.output.split())
-    other = CliRunner().invoke(app, _base_args(data_root, tiny_clip_dir, out, "--shot", "2"))
+    other = CliRunner().invoke(app, precompute_args(data_root, tiny_clip_dir, out, "--shot", "2"))
     assert other.exit_code == 1
     assert "shot" in other.output and "cached=1" in other.output.replace(" ", "")
-    fold = CliRunner().invoke(app, [*_base_args(data_root, tiny_clip_dir, out)[:4], "1",
-                                    *_base_args(data_root, tiny_clip_dir, out)[5:]])
+    fold = CliRunner().invoke(app, [*precompute_args(data_root, tiny_clip_dir, out)[:4], "1",
+                                    *precompute_args(data_root, tiny_clip_dir, out)[5:]])
     assert fold.exit_code == 1 and "fold" in fold.output
 
 
 def test_shards_merge_to_the_single_run(tmp_path, data_root, tiny_clip_dir):
     single = tmp_path / "single.h5"
-    assert _run_cli(_base_args(data_root, tiny_clip_dir, single)).exit_code == 0
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, single)).exit_code == 0
     sharded = tmp_path / "sharded.h5"
     for i in range(3):
-        res = _run_cli(_base_args(data_root, tiny_clip_dir, sharded, "--shard", f"{i}/3"))
+        res = _run_cli(precompute_args(data_root, tiny_clip_dir, sharded, "--shard", f"{i}/3"))
         assert res.exit_code == 0, res.output
     shards = sorted(tmp_path.glob("sharded.shard-*"))
     assert len(shards) == 3
     merged = tmp_path / "merged.h5"
     res = _run_cli(["merge", str(merged), *map(str, shards)])
     assert res.exit_code == 0, res.output
-    _assert_same_arrays(single, merged)
+    assert_same_arrays(single, merged)
 
 
 def test_torchrun_environment_selects_the_shard(tmp_path, data_root, tiny_clip_dir, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "p.h5"
-    res = _run_cli(_base_args(data_root, tiny_clip_dir, out))
+    res = _run_cli(precompute_args(data_root, tiny_clip_dir, out))
     assert res.exit_code == 0, res.output
     assert [p.name for p in tmp_path.glob("p.shard-*")] and not out.exists()
 
 
 def test_model_that_fails_to_load_leaves_no_cache(tmp_path, data_root):
     out = tmp_path / "p.h5"
-    res = CliRunner().invoke(app, _base_args(data_root, tmp_path / "no-such-weights.pt", out))
+    res = CliRunner().invoke(app, precompute_args(data_root, tmp_path / "no-such-weights.pt", out))
     assert res.exit_code == 1
     assert "not found" in res.output and "Traceback" not in res.output
     assert not out.exists() and not list(tmp_path.glob("p.h5*"))
 
 
 def test_bad_shard_and_missing_root(tmp_path, data_root, tiny_clip_dir):
-    res = CliRunner().invoke(app, _base_args(data_root, tiny_clip_dir, tmp_path / "p.h5", "--shard", "3/2"))
+    res = CliRunner().invoke(app, precompute_args(data_root, tiny_clip_dir, tmp_path / "p.h5", "--shard", "3/2"))
     assert res.exit_code == 1 and "--shard" in res.output
-    res = CliRunner().invoke(app, _base_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "p.h5"))
+    res = CliRunner().invoke(app, precompute_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "p.h5"))
     assert res.exit_code != 0 and "nowhere" in res.output
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, data_root, tiny_clip_dir):
     reference = tmp_path / "reference.h5"
-    args = _base_args(data_root, tiny_clip_dir, reference, "--episodes", "24", "--chunk-images", "3",
+    args = precompute_args(data_root, tiny_clip_dir, reference, "--episodes", "24", "--chunk-images", "3",
                       "--batch-size", "2")
     assert _run_cli(args).exit_code == 0
 
     out = tmp_path / "killed.h5"
     cmd = [sys.executable, "-m", "clipprior.cli.main",
-           *_base_args(data_root, tiny_clip_dir, out, "--episodes", "24", "--chunk-images", "3", "--batch-size", "2")]
+           *precompute_args(data_root, tiny_clip_dir, out, "--episodes", "24", "--chunk-images", "3",
+                            "--batch-size", "2")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parts = tmp_path / "killed.h5.parts"
@@ -289,14 +257,14 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, data_root, t
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "episodes already cached" in " ".join(resumed.stdout.split())
-    _assert_same_arrays(reference, out)
+    assert_same_arrays(reference, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_run(tmp_path, data_root, tiny_clip_dir, dtype):
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     out = tmp_path / f"{name}.h5"
-    res = _run_cli(_base_args(data_root, tiny_clip_dir, out, "--dtype", name, "--episodes", "4"))
+    res = _run_cli(precompute_args(data_root, tiny_clip_dir, out, "--dtype", name, "--episodes", "4"))
     assert res.exit_code == 0, res.output
     cache = PriorCache(out)
     for key, cls in cache.vtp_keys():
@@ -305,7 +273,7 @@ def test_half_precision_models_run(tmp_path, data_root, tiny_clip_dir, dtype):
 
 def test_verify_sample_recomputes_and_catches_tampering(tmp_path, data_root, tiny_clip_dir):
     out = tmp_path / "p.h5"
-    assert _run_cli(_base_args(data_root, tiny_clip_dir, out, "--text-classes", "present")).exit_code == 0
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, out, "--text-classes", "present")).exit_code == 0
     ok = CliRunner().invoke(app, ["verify", str(out), "--sample", "4", "--data-root", str(data_root),
                                   "--device", "cpu"])
     assert ok.exit_code == 0, ok.output
@@ -322,7 +290,7 @@ def test_verify_sample_recomputes_and_catches_tampering(tmp_path, data_root, tin
 
 def test_cli_records_the_data_root_that_evaluate_and_show_fall_back_to(tmp_path, data_root, tiny_clip_dir):
     out = tmp_path / "rooted.h5"
-    assert _run_cli(_base_args(data_root, tiny_clip_dir, out)).exit_code == 0
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, out)).exit_code == 0
     with PriorCache(out) as cache:
         assert cache.provenance["data_root"] == str(Path(data_root).resolve())
     scores = tmp_path / "scores.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from scipy import ndimage
 
-from clipprior import ConfigError, InvalidInputError, get_preset, load_clip
+from clipprior import ConfigError, InvalidInputError, get_preset
 from clipprior.config import PriorConfig
 from clipprior.model import ClipBundle
 from clipprior.preprocess import normalize, preprocess_query
@@ -38,11 +37,6 @@ from clipprior.priors import (
 NAMES = ["cat", "dog", "person with clothes,people,human", "bird avian"]
 PATCH = 16
 LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_clip_dir: Path) -> ClipBundle:
-    return load_clip(tiny_clip_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipprior import InvalidInputError, load_clip
-from clipprior.model import ClipBundle
+from clipprior import InvalidInputError
 from clipprior.preprocess import preprocess_query, preprocess_support
 from clipprior.priors import (
     SupportCells,
@@ -23,11 +20,6 @@ from clipprior.priors import (
 )
 
 NAMES = ["cat", "dog", "bird avian"]
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_clip_dir: Path) -> ClipBundle:
-    return load_clip(tiny_clip_dir, device="cpu")
 
 
 def _official_vvp(query: torch.Tensor, support: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

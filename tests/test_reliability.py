@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
@@ -26,20 +25,15 @@ from clipprior.data import EpisodeMeta, open_dataset, sample_episodes, write_epi
 from clipprior.data.lists import write_fss_lists
 from clipprior.data.synthetic import write_synthetic_pascal
 from clipprior.errors import CacheWriteError
+from tests._cache_job import assert_same_arrays
+from tests.conftest import precompute_args
 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=3, size=(72, 100))
-
-
 def _args(data_root: Path, model: Path | str, out: Path, *extra: str) -> list[str]:
     """A precompute of 12 episodes cut into several chunks (one segment each)."""
-    return ["precompute", "--dataset", "pascal5i", "--fold", "0", "--data-root", str(data_root), "--model",
-            str(model), "--device", "cpu", "--episodes", "12", "--seed", "5", "--chunk-images", "3",
-            "--batch-size", "2", "--out", str(out), *extra]
+    return precompute_args(data_root, model, out, "--chunk-images", "3", "--batch-size", "2", *extra)
 
 
 def _with(args: list[str], option: str, value: str) -> list[str]:
@@ -78,20 +72,6 @@ def _stop_after_commits(monkeypatch: pytest.MonkeyPatch, count: int) -> Iterator
         patch.setattr(CacheWriter, "commit", commit)
         yield
     assert state["stopped"], "the run ended before it could be stopped; make it longer"
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def _assert_same_arrays(a: Path, b: Path) -> None:
-    left, right = _arrays(a), _arrays(b)
-    assert sorted(left) == sorted(right)
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +133,7 @@ def test_a_disk_filled_while_finalizing_ends_in_one_line_and_the_rerun_is_correc
     result = _invoke(args)  # space freed: the same command finishes, computing nothing again
     assert result.exit_code == 0, result.output
     assert "0 VTP and 0 VVP written" in _flat(result)
-    _assert_same_arrays(uninterrupted, out)
+    assert_same_arrays(uninterrupted, out)
     assert not parts_dir(out).exists()
 
 
@@ -184,7 +164,7 @@ def test_resume_with_the_same_weights_elsewhere_equals_uninterrupted(stopped, da
     result = _invoke(_args(data_root, f"./{tiny_clip_dir.name}/", stopped))
     assert result.exit_code == 0, result.output
     assert "episodes already cached" in _flat(result)
-    _assert_same_arrays(uninterrupted, stopped)
+    assert_same_arrays(uninterrupted, stopped)
     copy = shutil.copytree(tiny_clip_dir, tmp_path / "copy-of-clip")
     result = _invoke(_args(data_root, copy, stopped))  # appending to the finished cache: nothing to add
     assert result.exit_code == 0, result.output
@@ -327,7 +307,7 @@ def test_a_stopped_skip_run_resumes_to_the_uninterrupted_one(clean_job, tiny_cli
     resumed = _invoke(_job_args(clean_job, root, tiny_clip_dir, out, "--on-error", "skip"))
     assert resumed.exit_code == 0, resumed.output
     assert f"dropped {len(needing)} episode(s)" in _flat(resumed) and bad.name in _flat(resumed)
-    _assert_same_arrays(whole, out)
+    assert_same_arrays(whole, out)
 
 
 @pytest.mark.parametrize("kind", BROKEN_KINDS)
