@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from clipprior.cache import CacheWriter
 from clipprior.cli.main import app
@@ -123,6 +125,18 @@ def test_clip_es_protocol_known_miou(clip_es_cache: tuple[Path, Path, dict[str, 
     assert raw["2"]["per_class"]["bird"] == pytest.approx(c3_iou, abs=1e-12)
     assert raw["2"]["miou"] == pytest.approx((bg_iou + c3_iou + 1.0) / 3, abs=1e-12)
     assert "58.6" in output and "70.8" in output
+
+
+def test_clip_es_names_a_mask_of_another_size(clip_es_cache: tuple[Path, Path, dict[str, int]],
+                                              tmp_path: Path) -> None:
+    cache, root, _ = clip_es_cache
+    root = Path(shutil.copytree(root, tmp_path / "VOC2012"))
+    mask = root / "SegmentationClassAug/2008_000001.png"
+    Image.fromarray(load_label(mask)[:40, :50]).save(mask)
+    code, output = run("--protocol", "clip-es", cache, "--data-root", root)
+    text = " ".join(output.split())
+    assert code == 1 and "Traceback" not in output
+    assert f"mask {mask} is 40x50 (HxW) but image {root / 'JPEGImages/2008_000001.jpg'} is 64x96" in text
 
 
 def test_clip_es_missing_cams_fail_or_are_skipped(folds: tuple[list[Path], Path], tmp_path: Path) -> None:

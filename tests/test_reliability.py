@@ -7,6 +7,7 @@ referenced there rather than repeated here.
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ from clipprior.cli.main import app
 from clipprior.data import EpisodeMeta, open_dataset, sample_episodes, write_episodes
 from clipprior.data.lists import write_fss_lists
 from clipprior.data.synthetic import write_synthetic_pascal
-from clipprior.errors import CacheWriteError
+from clipprior.errors import CacheWriteError, DatasetError, InvalidInputError
+from clipprior.evaluate import load_episode
 from tests._cache_job import assert_same_arrays
 from tests.conftest import precompute_args
 
@@ -329,6 +331,45 @@ def test_a_query_mask_of_another_size_is_refused_naming_both_files(clean_job, ti
     assert result.exit_code == 1, result.output
     text = _flat(result)
     assert f"mask {bad} is 40x60 (HxW) but image {image} is 72x100" in text
+
+
+def test_an_old_cache_with_a_query_mask_of_another_size_names_the_mask_not_the_data_root(clean_job, tmp_path):
+    """A cache computed before precompute refused such queries: evaluate and show name the mask and its image."""
+    root, bad, _ = _broken_copy(clean_job, tmp_path, "mask of another size", "query")
+    cache = PriorCache(clean_job["clean"])
+    record = cache.episodes[0]
+    image = root / record.query
+    assert root / record.query_label == bad
+    expected = f"query mask {bad} of episode 0 is 40x60 (HxW) but its image {image} is 72x100"
+    for images in (False, True):  # evaluate reads the masks only, show the pictures too
+        with pytest.raises(DatasetError, match=re.escape(expected)) as info:
+            load_episode(cache, record, root, images=images)
+        assert "--data-root" not in str(info.value) and "replace it" in str(info.value)
+    for args in (["evaluate", str(clean_job["clean"]), "--data-root", str(root)],
+                 ["show", str(clean_job["clean"]), "--data-root", str(root), "--episodes", "0",
+                  "--out", str(tmp_path / "panels")]):
+        result = _invoke(args)
+        assert result.exit_code == 1, result.output
+        errors = _flat(result).split("Error: ")[1:]
+        assert len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert expected in errors[0] and "--data-root" not in errors[0]
+
+
+def test_show_names_a_support_mask_of_another_size_and_a_wrong_data_root_is_still_named(clean_job, tmp_path):
+    root, bad, needing = _broken_copy(clean_job, tmp_path, "mask of another size", "support")
+    cache = PriorCache(clean_job["clean"])
+    record = cache.episodes[min(needing)]
+    support = next(image for image, label in record.support_pairs if root / label == bad)
+    load_episode(cache, record, root, images=False)  # evaluate needs no support
+    expected = f"mask {bad} is 40x60 (HxW) but image {root / support} is 72x100"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        load_episode(cache, record, root, images=True)
+    # Another data set under the same names: the image too has another size than the cache recorded.
+    other = Path(shutil.copytree(clean_job["root"], tmp_path / "other"))
+    query = cache.episodes[0]
+    _break("image smaller than a patch", other / query.query, other / query.query_label)
+    with pytest.raises(InvalidInputError, match=r"is --data-root the folder the cache was computed from"):
+        load_episode(cache, query, other, images=False)
 
 
 # ----------------------------------------------------------------- nothing executes from list files

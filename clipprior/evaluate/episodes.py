@@ -24,7 +24,8 @@ import torch
 from clipprior.cache import EpisodeRecord, PriorCache, Size
 from clipprior.cache import _format as fmt
 from clipprior.data import class_names, dataset_name, fold_classes, load_label, load_rgb
-from clipprior.errors import DataNotFoundError, InvalidInputError
+from clipprior.data.images import check_same_size, image_size
+from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
 from clipprior.evaluate.metrics import vvp_map
 from clipprior.viz import resize_map
 
@@ -159,20 +160,61 @@ def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images
 
     Raises:
         DataNotFoundError: if a file is missing under ``root``.
-        InvalidInputError: if the cached image size differs from the label's (wrong data root).
+        DatasetError: if the query mask (or, with ``images``, a support mask) has another size than
+            its image: the message names both files and sizes (an old cache may hold a query whose
+            mask does not match its image; precompute refuses those now).
+        InvalidInputError: if an image or the query mask has another size than the cache records
+            for the query (wrong data root).
     """
-    label = load_label(root / record.query_label)
-    cached = cache.image_size(record.query)
-    if tuple(label.shape) != tuple(cached):
-        raise InvalidInputError(
-            f"label {root / record.query_label} is {label.shape[0]}x{label.shape[1]} but {cache.path} recorded "
-            f"{cached[0]}x{cached[1]} for {record.query}; is --data-root the folder the cache was computed from?"
-        )
+    label_path = root / record.query_label
+    label = load_label(label_path)
+    cached = tuple(cache.image_size(record.query))
+    if tuple(label.shape) != cached:
+        _label_size_error(cache, record, root, tuple(label.shape), cached)
     priors = {str(kind.prior): _prior(cache, kind, record, label.shape) for kind in fmt.PRIORS}
-    query = load_rgb(root / record.query) if images else None
-    supports = [load_rgb(root / key) for key in record.supports] if images else []
-    support_labels = [load_label(root / key) for key in record.support_labels] if images else []
+    query: np.ndarray | None = None
+    supports: list[np.ndarray] = []
+    support_labels: list[np.ndarray] = []
+    if images:
+        query = load_rgb(root / record.query)
+        if tuple(query.shape[:2]) != cached:
+            raise _wrong_root(cache, record, root / record.query, tuple(query.shape[:2]), cached)
+        supports = [load_rgb(root / key) for key in record.supports]
+        support_labels = [load_label(root / key) for key in record.support_labels]
+        for image, mask, (image_key, label_key) in zip(supports, support_labels, record.support_pairs, strict=True):
+            check_same_size(image, mask, root / image_key, root / label_key)
     return EpisodeData(record, query, label, supports, support_labels, priors)
+
+
+def _wrong_root(cache: PriorCache, record: EpisodeRecord, path: Path, found: tuple[int, ...],
+                cached: tuple[int, ...]) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path} is {found[0]}x{found[1]} but {cache.path} recorded {cached[0]}x{cached[1]} for {record.query}; "
+        "is --data-root the folder the cache was computed from?"
+    )
+
+
+def _label_size_error(cache: PriorCache, record: EpisodeRecord, root: Path, label: tuple[int, ...],
+                      cached: tuple[int, ...]) -> None:
+    """Raise the error for a query mask whose size is not the one the cache recorded for its image.
+
+    When the image under ``root`` has the recorded size, the data root is right and the mask does
+    not match its image (a cache computed before precompute refused such queries); otherwise the
+    files are not the ones the cache was computed from.
+    """
+    label_path, image_path = root / record.query_label, root / record.query
+    try:
+        image = image_size(image_path)
+    except ClipPriorError:
+        image = None
+    if image == cached:
+        raise DatasetError(
+            f"query mask {label_path} of episode {record.index} is {label[0]}x{label[1]} (HxW) but its image "
+            f"{image_path} is {image[0]}x{image[1]} (the size {cache.path} recorded for it): the mask does not "
+            "match its image; replace it with the image's mask at the image's size (re-export it from the "
+            "annotations) and rerun (the cached priors do not depend on the query mask)"
+        )
+    raise _wrong_root(cache, record, label_path, label, cached)
 
 
 def cached_vtp(cache: PriorCache, kind: fmt.MapKind, image: str, class_id: int, size: Size) -> torch.Tensor:

@@ -26,9 +26,10 @@ from clipprior.cache import PriorCache
 from clipprior.cache import _format as fmt
 from clipprior.config import PriorConfig
 from clipprior.data import load_label, load_rgb, present_classes, present_names, prompt_names
+from clipprior.data.images import image_size
 from clipprior.data.layout import to_id
 from clipprior.data.specs import get_dataset
-from clipprior.errors import CacheKeyError, DataNotFoundError, InvalidInputError
+from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError
 from clipprior.evaluate.episodes import CacheFacts, cache_facts, cached_vtp, load_episode
 from clipprior.evaluate.metrics import (
     DEFAULT_THRESHOLDS,
@@ -284,11 +285,18 @@ def evaluate_clip_es(
 
     Raises:
         CacheKeyError: for a missing cached CAM (unless ``skip_missing``).
+        DataNotFoundError: for a missing image or mask.
+        DatasetError: for a mask of another size than its image (naming both files).
     """
     meters = {kind: ClipEsMeter(n_classes, bg_powers=bg_powers) for kind in CAM_KINDS}
     skipped = 0
     for done, (image, label_id) in enumerate(pairs, 1):
         label = load_label(root / label_id)
+        height, width = image_size(root / image)  # from the header: the pixels are not needed here
+        if tuple(label.shape) != (height, width):
+            raise DatasetError(f"mask {root / label_id} is {label.shape[0]}x{label.shape[1]} (HxW) but image "
+                               f"{root / image} is {height}x{width}; they must have the same size: fix the mask "
+                               "(re-export it at its image's size) and rerun")
         classes = present_classes(label, n_classes - 1)
         try:
             maps = cams(image, root, label, classes)
