@@ -8,17 +8,22 @@ import click
 
 from clipprior.cli._common import (
     ProgressDisplay,
+    clip_options,
     coco_split_option,
     command,
     console,
+    data_root_option,
     dataset_option,
     debug_option,
-    device_option,
-    dtype_option,
     fold_option,
     handle_errors,
-    model_option,
+    list_root_option,
+    n_episodes_option,
+    on_error_option,
     preset_option,
+    seed_option,
+    shot_option,
+    split_option,
 )
 from clipprior.errors import InvalidInputError
 
@@ -74,17 +79,12 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
 @command("precompute")
 @dataset_option()
 @fold_option()
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder.")
-@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
-              help="val: novel classes (test episodes); train: base classes.")
-@click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help="Supports per episode.")
-@click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None,
-              help="Number of episodes [default: the trainers' count: PASCAL 1000, COCO 5000].")
-@click.option("--seed", type=int, default=321, show_default=True, help="Episode sampler seed.")
-@model_option()
-@device_option()
-@dtype_option()
+@data_root_option(required=True)
+@split_option()
+@shot_option()
+@n_episodes_option()
+@seed_option(help="Episode sampler seed.")
+@clip_options()
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
               help="Images per CLIP batch; auto: per image size from the device's memory (halved if it runs out).")
 @click.option("--workers", type=click.IntRange(0, None), default=None,
@@ -99,16 +99,15 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
                    "computes its priors (official) [default: from the preset: native].")
 @click.option("--geometry-size", type=click.IntRange(16, None), default=None,
               help="Side of the trainers' square input for --geometry official [default: 473].")
-@click.option("--list-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of the trainers' list files (data_list_{fold}.txt, ...); built from the masks if omitted.")
+@list_root_option(help="Folder of the trainers' list files (data_list_{fold}.txt, ...); built from the masks if "
+                       "omitted.")
 @click.option("--base-list", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Without --list-root: the whole-dataset 'image label' list the fold lists are built from (the "
                    "trainers' lists/pascal/val.txt, voc_sbd_merge_noduplicate.txt, ...) [default: scan the data].")
 @click.option("--episode-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
 @coco_split_option()
-@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
-              help="Stop at broken data, or skip it and report.")
+@on_error_option()
 @click.option("--store", type=click.Choice(["maps", "features"]), default="maps", show_default=True,
               help="maps: the priors of the planned episodes; features: also every query's and (support, class)'s "
                    "VVP features, so the cache serves any episode a trainer draws (docs/training-loop.md).")
