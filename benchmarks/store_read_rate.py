@@ -105,8 +105,10 @@ def main() -> None:
         sampler = EpisodeSampler(data, shot=args.shot, seed=0, cache=pool)
         pool_eps = [(e.query_image, e.class_id, [s[0] for s in e.supports])
                     for epoch in range(args.episodes // len(sampler) + 1) for e in sampler.epoch_episodes(epoch)]
-        pool_eps = pool_eps[:args.episodes]
-        planned = list(maps)
+        # every mode reads in a random order, as a shuffled DataLoader does (no chunk-cache luck)
+        pool_eps = [pool_eps[int(k)] for k in rng.permutation(len(pool_eps))[:args.episodes]]
+        planned = [e for e in maps]
+        planned = [planned[int(k)] for k in rng.permutation(len(planned))]
 
         def read_maps() -> None:
             for e in planned:

@@ -399,11 +399,16 @@ class CacheWriter:
             raise InvalidInputError(f"episode {index} is not in the episode table; call set_episodes() first")
         if self.has_vvp(index):
             raise InvalidInputError(f"VVP of episode {index} is cached already; check has_vvp() before computing it")
-        arr = to_map(vvp, 3, f"VVP of episode {index}")
-        channels = self._channels(fmt.VVP_MAPS.name)
-        if channels and arr.shape[0] != channels:
-            raise InvalidInputError(f"VVP of episode {index} has {arr.shape[0]} channels; the cache has {channels}")
+        arr = self._checked_channels(to_map(vvp, 3, f"VVP of episode {index}"), f"VVP of episode {index}",
+                                     fmt.VVP_MAPS)
         self._add(fmt.VVP.group, index, (arr,))
+
+    def _checked_channels(self, arr: np.ndarray, what: str, *kinds: fmt.MapKind) -> np.ndarray:
+        """``arr`` if its channel count is the file's for the first of ``kinds`` that has one."""
+        channels = next((c for c in (self._channels(k.name) for k in kinds) if c), 0)
+        if channels and arr.shape[0] != channels:
+            raise InvalidInputError(f"{what} has {arr.shape[0]} channels; the cache has {channels}")
+        return arr
 
     def add_query_features(self, image_key: str, features: Any) -> None:
         """Add the VVP-layer features of one query image (``--store features``).
@@ -411,7 +416,7 @@ class CacheWriter:
         Args:
             image_key: Key given to :meth:`add_image` before.
             features: (L * D, h, w) unit feature vectors on the image's VVP grid (see
-                :func:`clipprior.cache._features.pack_query_features`); stored as float16.
+                :func:`clipprior.cache._features.feature_map`); stored as float16.
 
         Raises:
             InvalidInputError: unknown image, entry already cached, bad shape or values, or a
@@ -424,10 +429,8 @@ class CacheWriter:
             raise InvalidInputError(f"image {key!r} has no recorded size; call add_image() before add_query_features()")
         if self.has_query_features(key):
             raise InvalidInputError(f"query features of {key!r} are cached already; check has_query_features()")
-        arr = to_map(features, 3, f"query features of {key!r}")
-        channels = self._channels(fmt.QFEAT_FEATURES.name)
-        if channels and arr.shape[0] != channels:
-            raise InvalidInputError(f"query features of {key!r} have {arr.shape[0]} channels; the cache has {channels}")
+        what = f"query features of {key!r}"
+        arr = self._checked_channels(to_map(features, 3, what), what, fmt.QFEAT_FEATURES, fmt.SFEAT_FEATURES)
         self._add(fmt.QFEAT.group, key, (arr,))
 
     def add_support_features(self, image_key: str, class_id: int, features: Any, mask: Any) -> None:
@@ -437,7 +440,7 @@ class CacheWriter:
             image_key: Key given to :meth:`add_image` before.
             class_id: The class whose mask selected the cells.
             features: (L * D, h, w) unit feature vectors, zero outside the mask (see
-                :func:`clipprior.cache._features.pack_support_features`); stored as float16.
+                :func:`clipprior.cache._features.feature_map`); stored as float16.
             mask: (h, w) the support's mask on its VVP grid (1 foreground, 0 elsewhere).
 
         Raises:
@@ -450,13 +453,11 @@ class CacheWriter:
             raise InvalidInputError(f"image {key[0]!r} has no recorded size; call add_image() first")
         if self.has_support_features(*key):
             raise InvalidInputError(f"support features of {key} are cached already; check has_support_features()")
-        arr = to_map(features, 3, f"support features of {key}")
+        what = f"support features of {key}"
+        arr = self._checked_channels(to_map(features, 3, what), what, fmt.SFEAT_FEATURES, fmt.QFEAT_FEATURES)
         grid = to_map(mask, 2, f"support mask of {key}")
         if arr.shape[1:] != grid.shape:
-            raise InvalidInputError(f"support features of {key}: grid {arr.shape[1:]} and mask {grid.shape} differ")
-        channels = self._channels(fmt.SFEAT_FEATURES.name) or self._channels(fmt.QFEAT_FEATURES.name)
-        if channels and arr.shape[0] != channels:
-            raise InvalidInputError(f"support features of {key} have {arr.shape[0]} channels; the cache has {channels}")
+            raise InvalidInputError(f"{what}: grid {arr.shape[1:]} and mask {grid.shape} differ")
         self._add(fmt.SFEAT.group, key, (arr, grid))
 
     def set_episodes(self, episodes: Iterable[Any]) -> None:
