@@ -13,7 +13,6 @@ from clipprior import PriorCache, load_clip
 from clipprior.cache._features import feature_map, unpack_features
 from clipprior.cli.main import app
 from clipprior.data import open_dataset, prompt_names
-from clipprior.data.synthetic import write_synthetic_pascal
 from clipprior.errors import CacheKeyError
 from clipprior.precompute.load import fss_mask
 from clipprior.preprocess import vvp_inputs
@@ -21,16 +20,6 @@ from clipprior.priors import compute_priors, vvp
 
 #: float16 unit features: each cosine is off by at most ~sqrt(D) * 2**-11 (D = 64 here); measured ~3e-4.
 FEATURE_TOL = 2e-3
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_pascal(tmp_path_factory.mktemp("voc"), per_class=2, size=(72, 100))
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_clip_dir):
-    return load_clip(tiny_clip_dir, device="cpu")
 
 
 def _precompute(data_root: Path, model: Path, out: Path, *extra: str) -> PriorCache:
