@@ -387,6 +387,12 @@ def cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
                              chunk_images=64, chunk_episodes=256)
     new = [len(b) for step in schedule.chunks for b in step.query_batches]
     support = [len(b) for step in schedule.chunks for b, _ in step.support_batches]
+    windows = {}
+    for window in args.support_windows:  # supports first used in W consecutive chunks batched together
+        step_batches = plan_schedule(episodes, plan, sizes, lambda s: fixed, _Empty(),  # type: ignore[arg-type]
+                                     chunk_images=64, chunk_episodes=256, support_window=window).chunks
+        fill = [len(b) for step in step_batches for b, _ in step.support_batches]
+        windows[str(window)] = {"batches": len(fill), "mean_fill": float(np.mean(fill))}
     result: dict[str, Any] = {
         "benchmark": "bench_pipeline", "kind": "coco", "machine": _machine(args), "model": args.model,
         "fold": args.fold, "episodes": args.episodes, "shot": args.shot, "image_scale": args.image_scale,
@@ -395,6 +401,7 @@ def cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
             "first_appearance_chunks": {"batches": len(old), "mean_fill": float(np.mean(old))},
             "size_ordered_chunks": {"batches": len(new), "mean_fill": float(np.mean(new))}},
         f"support_batches_at_{fixed}": {"batches": len(support), "mean_fill": float(np.mean(support))},
+        f"support_batches_at_{fixed}_by_window": windows,
     }
     if args.plan_only:
         return result
@@ -435,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-scale", type=float, default=1.0)
     parser.add_argument("--plan-only", action="store_true", help="coco: batch fill of the plan only (no images)")
     parser.add_argument("--fill-batch", type=int, default=32, help="coco: batch size of the batch-fill statistic")
+    parser.add_argument("--support-windows", type=int, nargs="+", default=[1, 4, 8, 16],
+                        help="coco: support windows (chunks) whose support-batch fill is reported")
     parser.add_argument("--data-root", type=Path, default=None, help="reuse (or fill) this synthetic data root")
     parser.add_argument("--record", action="store_true", help="append to benchmarks/results.jsonl")
     args = parser.parse_args(argv)

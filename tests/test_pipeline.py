@@ -270,3 +270,117 @@ def test_torchrun_two_cpu_ranks_merge_to_the_single_run(tmp_path, data_root, tin
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_same_arrays(single, merged)
+
+
+# -- support windows ----------------------------------------------------------------------------------
+
+
+class _NothingCached:
+    def has_vtp(self, *key: object) -> bool:
+        return False
+
+    def has_vvp(self, index: int) -> bool:
+        return False
+
+
+def _mixed_sizes(dataset, episodes) -> dict[str, tuple[int, int]]:
+    """Every image of the episodes at one of three sizes (as COCO's mix makes small per-chunk batches)."""
+    images = sorted({e.query_image for e in episodes} | {s[0] for e in episodes for s in e.supports})
+    return {image: [(32, 48), (48, 32), (48, 48)][i % 3] for i, image in enumerate(images)}
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, 100])
+def test_support_window_runs_each_support_once_before_its_first_use(dataset, episodes, window):
+    from clipprior.precompute import plan_work
+    from clipprior.precompute.plan import plan_schedule
+
+    plan = plan_work(episodes)
+    sizes = _mixed_sizes(dataset, episodes)
+    schedule = plan_schedule(episodes, plan, sizes, lambda size: 8, _NothingCached(), chunk_images=2,
+                             chunk_episodes=256, support_window=window)
+    first_run: dict[tuple, int] = {}
+    for step in schedule.chunks:
+        for batch, wanted in step.support_batches:
+            assert len({sizes[k[0]] for k in batch}) == 1 and wanted <= set(batch)  # one size per batch
+            for key in batch:
+                assert key not in first_run, "a support runs once"
+                first_run[key] = step.index
+    for step in schedule.chunks:  # every support an episode of the chunk needs has run by then
+        for i in step.todo:
+            for image, label in episodes[i].supports:
+                assert first_run[(image, label, int(episodes[i].class_id))] <= step.index
+    assert set(first_run) == set(plan.support_uses)
+
+
+def test_a_wider_support_window_fills_the_support_batches(dataset, episodes):
+    from clipprior.precompute import plan_work
+    from clipprior.precompute.plan import plan_schedule
+
+    plan = plan_work(episodes)
+    sizes = _mixed_sizes(dataset, episodes)
+    counts = {}
+    for window in (1, 4):
+        schedule = plan_schedule(episodes, plan, sizes, lambda size: 8, _NothingCached(), chunk_images=2,
+                                 chunk_episodes=256, support_window=window)
+        counts[window] = sum(len(step.support_batches) for step in schedule.chunks)
+    assert counts[4] < counts[1]
+    with pytest.raises(InvalidInputError, match="support_window"):
+        plan_schedule(episodes, plan, sizes, lambda size: 8, _NothingCached(), chunk_images=2, chunk_episodes=256,
+                      support_window=0)
+
+
+def test_support_window_changes_numbers_only_by_reassociation_and_resumes_exactly(tmp_path, clip, dataset,
+                                                                                     episodes):
+    one, four = tmp_path / "w1.h5", tmp_path / "w4.h5"
+    _run(clip, dataset, episodes, one, chunk_images=2, batch_size=4, workers=1)
+    _run(clip, dataset, episodes, four, chunk_images=2, batch_size=4, workers=1, support_window=4)
+    a, b = h5_arrays(one), h5_arrays(four)
+    assert sorted(a) == sorted(b)
+    for key, values in a.items():
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(b[key], values, atol=2e-3, rtol=0, err_msg=key)  # float16 maps
+        else:
+            np.testing.assert_array_equal(b[key], values, err_msg=key)
+    out = tmp_path / "resumed.h5"
+    flaky = _Flaky(dataset, None, KeyboardInterrupt(), after=10)
+    with pytest.raises(KeyboardInterrupt):
+        _run(clip, flaky, episodes, out, chunk_images=2, batch_size=4, workers=1, support_window=4)
+    _run(clip, dataset, episodes, out, chunk_images=2, batch_size=4, workers=1, support_window=4)
+    assert_same_arrays(four, out)
+
+
+def test_a_resume_with_another_support_window_is_refused(tmp_path, clip, dataset, episodes):
+    from clipprior import PriorConfig
+    from clipprior.precompute import build_provenance
+    from clipprior.precompute.provenance import check_recorded_settings
+
+    prov = build_provenance(clip, PriorConfig(), dataset="pascal5i", fold=0, split="val", shot=2, seed=3,
+                            n_episodes=16, list_checksum="x", class_names=NAMES, batch_size=4, support_window=4)
+    assert prov["support_window"] == 4
+
+    class Recorded:
+        provenance = prov
+
+    check_recorded_settings(Recorded(), clip, batch_size=4, chunk_images=64, chunk_episodes=256, support_window=4)
+    with pytest.raises(InvalidInputError, match="support_window: recorded=4 running=1"):
+        check_recorded_settings(Recorded(), clip, batch_size=4, chunk_images=64, chunk_episodes=256, support_window=1)
+    Recorded.provenance = {k: v for k, v in prov.items() if k != "support_window"}  # a cache from before windows
+    check_recorded_settings(Recorded(), clip, batch_size=4, chunk_images=64, chunk_episodes=256, support_window=1)
+    with pytest.raises(InvalidInputError, match="support_window: recorded=1 running=4"):
+        check_recorded_settings(Recorded(), clip, batch_size=4, chunk_images=64, chunk_episodes=256, support_window=4)
+
+
+def test_cli_records_the_support_window_and_refuses_a_resume_with_another(tmp_path, data_root, tiny_clip_dir):
+    from click.testing import CliRunner
+
+    from clipprior import PriorCache
+    from clipprior.cli.main import app
+    from tests.conftest import precompute_args
+
+    out = tmp_path / "p.h5"
+    result = CliRunner().invoke(app, precompute_args(data_root, tiny_clip_dir, out, "--support-window", "3",
+                                                     "--chunk-images", "2"))
+    assert result.exit_code == 0, result.output
+    assert PriorCache(out).provenance["support_window"] == 3
+    again = CliRunner().invoke(app, precompute_args(data_root, tiny_clip_dir, out, "--chunk-images", "2"))
+    assert again.exit_code == 1 and "support_window" in again.output and "Traceback" not in again.output

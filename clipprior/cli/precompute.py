@@ -121,6 +121,9 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
               help="Query images per chunk: bounds memory; each chunk is committed to disk when done.")
 @click.option("--chunk-episodes", type=click.IntRange(1, None), default=256, show_default=True,
               help="Close a chunk once its images hold this many episodes (bounds memory when images recur).")
+@click.option("--support-window", type=click.IntRange(1, None), default=1, show_default=True, metavar="N",
+              help="Run the supports first used in N consecutive chunks together: fuller support batches on a mix "
+                   "of image sizes (COCO on a GPU), their features held a little longer.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output HDF5 file [default: priors-DATASET-foldF-SPLIT-KSHOT.h5].")
 @debug_option
@@ -130,7 +133,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                preset: str, geometry: str | None, geometry_size: int | None,
                list_root: Path | None, base_list: Path | None, episode_file: Path | None, coco_split: str,
                on_error: str, store: str, supports_per_query: int | None, shard: str | None,
-               chunk_images: int, chunk_episodes: int, out: Path | None, debug: bool) -> None:
+               chunk_images: int, chunk_episodes: int, support_window: int, out: Path | None, debug: bool) -> None:
     r"""Compute the VTP (raw and PIR-refined) and VVP priors of a benchmark fold and cache them.
 
     Each unique query image runs through CLIP once, each (support, class) masked pass once; the
@@ -203,7 +206,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     provenance = build_provenance(
         clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
         list_checksum=data.list_checksum, class_names=names, batch_size=batch_size, chunk_images=chunk_images,
-        chunk_episodes=chunk_episodes,
+        chunk_episodes=chunk_episodes, support_window=support_window,
         extra={"coco_split": coco_split, "data_root": str(Path(data_root).expanduser().resolve()),
                **({"store": store} if store != "maps" else {}),
                **({"supports_per_query": supports_per_query} if supports_per_query is not None else {})},
@@ -231,7 +234,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                                         progress=lambda kind, n: show.advance(feature_labels[kind], n))
             stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
                                    batch_size=batch, workers=workers, shard=shard_spec, chunk_images=chunk_images,
-                                   chunk_episodes=chunk_episodes, on_error=on_error,
+                                   chunk_episodes=chunk_episodes, on_error=on_error, support_window=support_window,
                                    progress=lambda kind, n: show.advance(labels[kind], n), log=say)
         path = writer.finalize()
     if stats.problems:

@@ -73,6 +73,7 @@ def run_precompute(
     workers: int | None = None,
     log: Callable[[str], None] | None = None,
     on_error: str = "raise",
+    support_window: int = 1,
 ) -> PrecomputeStats:
     """Compute and write every VTP (raw and refined) and VVP the episodes need.
 
@@ -110,6 +111,9 @@ def run_precompute(
             ``stats.dropped``, the files in ``stats.problems``) and everything else computed. The
             engine registers each episode it completes in the writer's episode table, so dropped
             episodes stay out of it (do not register all episodes beforehand under ``"skip"``).
+        support_window: Run the supports first used in this many consecutive chunks together
+            (fuller support batches on a mix of image sizes; see
+            :func:`~clipprior.precompute.plan.plan_schedule`).
 
     Returns:
         :class:`~clipprior.precompute.PrecomputeStats`.
@@ -139,7 +143,7 @@ def run_precompute(
         if not 1 <= int(episode.class_id) <= len(class_names):
             raise InvalidInputError(f"episode class {episode.class_id} has no prompt name (have {len(class_names)})")
     check_recorded_settings(writer, clip, batch_size=batch_size, chunk_images=chunk_images,
-                            chunk_episodes=chunk_episodes)
+                            chunk_episodes=chunk_episodes, support_window=support_window)
     text = text or encode_text(clip, class_names, config)
     report = progress or (lambda kind, n: None)
     say = log or _logger.warning
@@ -154,7 +158,8 @@ def run_precompute(
         fixed = None if auto else int(batch_size)
         per_size: BatchSize = (lambda size: auto_batch_size(clip, size)) if fixed is None else (lambda size: fixed)
         schedule = plan_schedule(episodes, plan, sizes, per_size, _Pending(writer, faults.dropped),
-                                 chunk_images=chunk_images, chunk_episodes=chunk_episodes)
+                                 chunk_images=chunk_images, chunk_episodes=chunk_episodes,
+                                 support_window=support_window)
         store = SupportStore(schedule.support_uses)
         pin = clip.device.type == "cuda"
         stream = loader.stream(_load_jobs(schedule, dataset, patch, config, class_names, pin, faults))

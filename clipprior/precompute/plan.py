@@ -308,7 +308,7 @@ class Schedule:
 
 def plan_schedule(
     episodes: Sequence[Any], plan: WorkPlan, sizes: dict[str, tuple[int, int]], batch_size: BatchSize,
-    writer: Writer, *, chunk_images: int, chunk_episodes: int,
+    writer: Writer, *, chunk_images: int, chunk_episodes: int, support_window: int = 1,
 ) -> Schedule:
     """Fix every batch of a run from the plan, the resized sizes and what the cache already holds.
 
@@ -319,6 +319,12 @@ def plan_schedule(
     batches depend only on the episodes, the sizes and ``batch_size``: a resumed run plans the same
     batches and recomputes the ones holding missing work whole, so it writes the same numbers.
 
+    ``support_window`` W > 1 groups the supports first used in W consecutive chunks (chunks
+    ``[wW, (w+1)W)``) into the support batches of the window's first chunk that needs one of them:
+    on a mix of many image sizes (COCO) a chunk's own supports make small batches, a window fills
+    them, at the price of holding their features until their last use (at most W chunks' worth of
+    new supports more).
+
     Args:
         episodes: All episodes.
         plan: :func:`plan_work` of them (one shard, possibly).
@@ -327,20 +333,26 @@ def plan_schedule(
         writer: The cache (read only here: what is cached already).
         chunk_images: See :func:`plan_chunks`.
         chunk_episodes: See :func:`plan_chunks`.
+        support_window: Chunks whose first-used supports run together (>= 1).
 
     Returns:
         The :class:`Schedule`.
+
+    Raises:
+        InvalidInputError: for a ``support_window`` below 1.
 
     Example:
         >>> schedule = plan_schedule(episodes, plan_work(episodes), sizes, lambda s: 8, writer,
         ...                          chunk_images=64, chunk_episodes=256)  # doctest: +SKIP
     """
+    if isinstance(support_window, bool) or not isinstance(support_window, int) or support_window < 1:
+        raise InvalidInputError(f"support_window={support_window!r} must be an integer >= 1")
     ordered = sorted(plan.queries, key=lambda q: sizes[q.image])
     chunks = plan_chunks(ordered, chunk_images, chunk_episodes)
     home_keys, home = support_homes(episodes, chunks)
     todo_all = [episodes[i] for q in plan.queries for i in q.episodes if not writer.has_vvp(i)]
     uses = plan_work(todo_all).support_uses
-    homes_run: set[int] = set()
+    windows_run: set[int] = set()
     out = []
     for c, chunk in enumerate(chunks):
         chunk_eps = [i for q in chunk for i in q.episodes]
@@ -356,9 +368,11 @@ def plan_schedule(
         if not step.runs:
             step.skipped_images = len(chunk)
         needed = {(image, label, int(episodes[i].class_id)) for i in todo for image, label in episodes[i].supports}
-        for h in sorted({home[k] for k in needed} - homes_run):
-            homes_run.add(h)
-            for batch in size_batches(home_keys[h], lambda k: sizes[k[0]], batch_size):
+        for w in sorted({home[k] // support_window for k in needed} - windows_run):
+            windows_run.add(w)
+            keys = [k for h in range(w * support_window, min((w + 1) * support_window, len(chunks)))
+                    for k in home_keys[h]]
+            for batch in size_batches(keys, lambda k: sizes[k[0]], batch_size):
                 wanted = {k for k in batch if uses.get(k, 0) > 0}
                 if wanted:
                     step.support_batches.append((batch, wanted))

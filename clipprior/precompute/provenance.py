@@ -43,7 +43,7 @@ def geometry_description(config: PriorConfig) -> str:
 def build_provenance(
     clip: ClipBundle, config: PriorConfig, *, dataset: str, fold: int, split: str, shot: int, seed: int,
     n_episodes: int, list_checksum: str, class_names: Sequence[str], batch_size: int | str = 8, chunk_images: int = 64,
-    chunk_episodes: int = 256, extra: dict[str, Any] | None = None,
+    chunk_episodes: int = 256, support_window: int = 1, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings a cache depends on, stored in its attributes and compared on resume.
 
@@ -70,6 +70,7 @@ def build_provenance(
         batch_size: Images per CLIP batch, as given to :func:`run_precompute`.
         chunk_images: Query images per chunk, as given to :func:`run_precompute`.
         chunk_episodes: Episodes that close a chunk, as given to :func:`run_precompute`.
+        support_window: Chunks whose supports run together, as given to :func:`run_precompute`.
         extra: More settings to record (e.g. ``coco_split``).
 
     Returns:
@@ -100,18 +101,25 @@ def build_provenance(
         "geometry": geometry_description(config),
     }
     prov.update(computation_settings(clip, batch_size=batch_size, chunk_images=chunk_images,
-                                     chunk_episodes=chunk_episodes))
+                                     chunk_episodes=chunk_episodes, support_window=support_window))
     prov.update(extra or {})
     return prov
 
 
+#: Settings the provenance leaves out at their default value (caches written before they existed).
+_AT_DEFAULT: dict[str, Any] = {"support_window": 1}
+_UNRECORDED = object()
+
+
 def computation_settings(clip: ClipBundle, *, batch_size: int | str, chunk_images: int,
-                         chunk_episodes: int | None = None) -> dict[str, Any]:
+                         chunk_episodes: int | None = None, support_window: int | None = None) -> dict[str, Any]:
     """The settings of a run that change the numbers of its CLIP passes (part of the provenance).
 
     Values use the command line's spelling (``--dtype fp32``, ``--device cpu``), so a refused
-    resume shows what to pass. ``chunk_episodes`` is left out when ``None`` (a stage without
-    episodes, such as :func:`~clipprior.precompute.store_features`, does not depend on it).
+    resume shows what to pass. ``chunk_episodes`` and ``support_window`` are left out when ``None``
+    (a stage without episodes, such as :func:`~clipprior.precompute.store_features`, does not depend
+    on them); ``support_window`` is recorded only when it is not 1, so caches written before it
+    existed keep resuming.
 
     Example:
         >>> computation_settings(clip, batch_size=8, chunk_images=64, chunk_episodes=256)  # doctest: +SKIP
@@ -125,6 +133,8 @@ def computation_settings(clip: ClipBundle, *, batch_size: int | str, chunk_image
     }
     if chunk_episodes is not None:
         settings["chunk_episodes"] = int(chunk_episodes)
+    if support_window is not None and int(support_window) != 1:
+        settings["support_window"] = int(support_window)
     return settings
 
 
@@ -141,8 +151,18 @@ def check_recorded_settings(writer: Any, clip: ClipBundle, **sizes: int | str) -
     if not isinstance(recorded, dict):
         return
     actual = computation_settings(clip, **sizes)
-    wrong = [f"{k}: recorded={recorded[k]!r} running={v!r}" for k, v in actual.items()
-             if k in recorded and recorded[k] != v]
+    if sizes.get("support_window") is not None:
+        actual.setdefault("support_window", 1)  # left out of the provenance at its default
+
+    built = "chunk_episodes" in recorded  # by build_provenance: a setting it left out is at its default
+
+    def recorded_value(key: str) -> Any:
+        if key in recorded:
+            return recorded[key]
+        return _AT_DEFAULT.get(key, _UNRECORDED) if built else _UNRECORDED
+
+    wrong = [f"{k}: recorded={recorded_value(k)!r} running={v!r}" for k, v in actual.items()
+             if recorded_value(k) is not _UNRECORDED and recorded_value(k) != v]
     if wrong:
         raise InvalidInputError(
             "the cache's provenance does not describe this run (" + "; ".join(wrong) + "); pass the same model, "
