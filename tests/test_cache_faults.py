@@ -130,7 +130,8 @@ def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str, after: int) -> di
 
 @pytest.mark.parametrize(("where", "fraction"), [
     ("pwrite", 0.0),  # the very first write
-    ("pwrite", 0.5),  # in the middle of the maps
+    ("pwrite", 0.1),  # while the maps are copied: the writer stops after the block
+    ("pwrite", 0.5),  # while HDF5 flushes its chunk cache, closing the file
     ("pwrite", 0.97),  # among the last writes: HDF5's metadata, while the file is closed
     ("ftruncate", 1.0),  # HDF5 sizing the file while closing it
     ("fsync", 1.0),  # the file system reports the full disk only when the file is flushed

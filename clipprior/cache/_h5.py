@@ -204,7 +204,8 @@ class GuardedFile:
     :attr:`error`, and from then on what HDF5 writes is held in memory (4 KiB pages, read back
     where HDF5 reads), so HDF5 carries on, closes the file cleanly, and the writer raises the
     kept error at its next :meth:`check` -- after the current block of maps -- and deletes the file.
-    What is held in memory is bounded by one block of maps plus HDF5's metadata.
+    What is held in memory is bounded by one block of maps plus what HDF5 still has to flush from its
+    chunk and metadata caches.
 
     Args:
         path: The file to create (truncated if it exists).
