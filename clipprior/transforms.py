@@ -448,33 +448,32 @@ class RandomGaussianBlur(_Transform):
             state.image = _blur(state.image, self.radius)
 
 
-class RandomHorizontalFlip(_Transform):
+class _RandomFlip(_Transform):
+    """With probability ``p``, mirror image, label and prior along :attr:`dim`."""
+
+    dim: int  # -1: left-right, -2: top-bottom
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = _check_p(p)
+
+    def _apply(self, state: _State, rng: np.random.Generator) -> None:
+        if rng.random() < self.p:
+            state.image = state.image.flip(self.dim)
+            state.label = state.label.flip(self.dim)
+            if state.prior is not None:
+                state.prior = state.prior.flip(self.dim)
+
+
+class RandomHorizontalFlip(_RandomFlip):
     """With probability ``p`` (0.5), mirror left-right."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = _check_p(p)
-
-    def _apply(self, state: _State, rng: np.random.Generator) -> None:
-        if rng.random() < self.p:
-            _flip(state, -1)
+    dim = -1
 
 
-class RandomVerticalFlip(_Transform):
+class RandomVerticalFlip(_RandomFlip):
     """With probability ``p`` (0.5), mirror top-bottom."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = _check_p(p)
-
-    def _apply(self, state: _State, rng: np.random.Generator) -> None:
-        if rng.random() < self.p:
-            _flip(state, -2)
-
-
-def _flip(state: _State, dim: int) -> None:
-    state.image = state.image.flip(dim)
-    state.label = state.label.flip(dim)
-    if state.prior is not None:
-        state.prior = state.prior.flip(dim)
+    dim = -2
 
 
 class Crop(_Padded):
