@@ -110,7 +110,8 @@ def _literals(module: object) -> set[str]:
 
 
 def test_show_and_evaluate_iterate_the_declared_prior_kinds() -> None:
-    from clipprior.cli import cache_cmds
+    from clipprior import photos
+    from clipprior.cli import cache_cmds, demo
     from clipprior.cli import evaluate as evaluate_cmd
     from clipprior.cli import show as show_cmd
     from clipprior.evaluate import PRIOR_KINDS, PRIOR_TITLES, episodes, metrics, protocols
@@ -121,7 +122,7 @@ def test_show_and_evaluate_iterate_the_declared_prior_kinds() -> None:
     assert all(k.label and k.abbrev for k in PRIORS) and set(PRIORS) <= set(MAP_KINDS)
     assert tuple(k.prior for k in kinds_of("vtp")) == protocols.CAM_KINDS
     names = {k.prior for k in kinds_of("vtp")} | {k.label for k in kinds_of("vtp")}  # ("vvp" names arguments too)
-    for module in (episodes, metrics, protocols, evaluate_cmd, show_cmd, cache_cmds):
+    for module in (episodes, metrics, protocols, evaluate_cmd, show_cmd, cache_cmds, demo, photos):
         assert not names & _literals(module), module.__name__  # no own list of the kinds
 
 

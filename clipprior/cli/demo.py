@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from clipprior.cache._format import PANEL_ORDER
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,
@@ -69,10 +70,11 @@ def demo(model: str, device: str, dtype: str, out: Path, preset: str, cmap: str,
         out.parent.mkdir(parents=True, exist_ok=True)
         panel.save(out)
     table = Table(title=f"IoU (%) at 0.5 against the hand-drawn query masks ({bundle.source})")
-    for column in ("class", "query", "support", "VVP", "VTP raw", "VTP refined"):
-        table.add_column(column, justify="right" if column.startswith("V") else "left")
+    priors = [kind.label for kind in PANEL_ORDER]
+    for column in ("class", "query", "support", *priors):
+        table.add_column(column, justify="right" if column in priors else "left")
     for row in results:
-        cells = [f"{100 * row['iou'][k]:.1f}" if k in row["iou"] else "-" for k in ("VVP", "VTP raw", "VTP refined")]
+        cells = [f"{100 * row['iou'][k]:.1f}" if k in row["iou"] else "-" for k in priors]
         table.add_row(row["class"], row["query"], row["support"], *cells)
     console.print(table)
     console.print(f"Wrote [bold]{out}[/] ({panel.width} x {panel.height} px)")
