@@ -111,6 +111,8 @@ def test_shared_options_take_their_choices_from_the_registries() -> None:
     assert option(_common.data_root_option(help="Where.")).help == "Where."
     assert [p.name for p in click.command()(_common.clip_options()(lambda **_: None)).params] == [
         "model", "device", "dtype"]
+    assert [p.name for p in click.command()(_common.dataset_options()(lambda **_: None)).params] == [
+        "dataset", "data_root", "coco_split"]
 
 
 def test_commands_declare_shared_options_through_common() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "console",
     "data_root_option",
     "dataset_option",
+    "dataset_options",
     "debug_option",
     "device_option",
     "dtype_option",
@@ -220,6 +221,15 @@ def dtype_option(*, help: str = "Model dtype (Grad-CAM and PIR arithmetic stay f
     """``--dtype``: one of :data:`clipprior._device.DTYPE_NAMES`."""
     return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=DTYPE_NAMES[0], show_default=True,
                         help=help)
+
+
+def dataset_options() -> Callable[[F], F]:
+    """``--dataset``, ``--data-root`` (required) and ``--coco-split``: where a command reads a benchmark from."""
+
+    def decorate(func: F) -> F:
+        return dataset_option()(data_root_option(required=True)(coco_split_option()(func)))
+
+    return decorate
 
 
 def clip_options(*, model_default: str | None = DEFAULT_MODEL, model_help: str | None = None,

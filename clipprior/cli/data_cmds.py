@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 from rich.table import Table
 
 from clipprior.cli._common import (
-    coco_split_option,
     command,
     console,
-    data_root_option,
-    dataset_option,
+    dataset_options,
     debug_option,
     fold_option,
     folds_option,
@@ -41,12 +38,6 @@ def _parse_folds(text: str) -> list[int]:
     return folds
 
 
-def _dataset_options(func: Callable[..., object]) -> Callable[..., object]:
-    func = coco_split_option()(func)
-    func = data_root_option(required=True)(func)
-    return dataset_option()(func)
-
-
 @group("lists")
 def lists() -> None:
     r"""Few-shot list files (data_list / sub_class_file_list) and episode files.
@@ -60,7 +51,7 @@ def lists() -> None:
 
 
 @lists.command("build")
-@_dataset_options
+@dataset_options()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to write (the trainers' lists/<dataset>); files go to OUT/fss_list/{val,train}/.")
 @folds_option(help="Comma-separated folds to build.")
@@ -122,7 +113,7 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
 
 
 @lists.command("check")
-@_dataset_options
+@dataset_options()
 @list_root_option(help="The list folder to check [default: build the lists from the masks and check the data].")
 @folds_option(help="Comma-separated folds to check.")
 @split_option(multiple=True, default=("val",), help="Split(s) to check; repeat the option for both.")
@@ -170,7 +161,7 @@ def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | 
 
 
 @lists.command("episodes")
-@_dataset_options
+@dataset_options()
 @list_root_option(help="The trainers' list folder [default: build the lists from the masks].")
 @fold_option()
 @split_option()
