@@ -235,6 +235,10 @@ class _TrackedDict(dict):  # type: ignore[type-arg]
         self.bytes -= _nbytes(self[key])
         super().__delitem__(key)
 
+    def update(self, *args: Any, **kwargs: Any) -> None:  # dict.update bypasses __setitem__
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
 
 @dataclass
 class Probe:
