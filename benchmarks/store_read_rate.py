@@ -87,7 +87,8 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        root = write_synthetic_pascal(tmp_path / "voc", per_class=4, size=(375, 500))
+        # a class list keeps at least per_class - 1 images (the size filter drops some): a query and K supports
+        root = write_synthetic_pascal(tmp_path / "voc", per_class=max(4, args.shot + 2), size=(375, 500))
         model = _tiny_clip(tmp_path / "clip")
         shot = ("--shot", str(args.shot))
         maps = _build(root, model, tmp_path / "maps.h5", args.episodes, *shot)
