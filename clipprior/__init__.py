@@ -34,7 +34,6 @@ from clipprior.errors import (
 if TYPE_CHECKING:
     from clipprior.cache import (
         CacheWriter,
-        EpisodeRecord,
         PriorCache,
         letterbox_prior,
         merge_caches,
@@ -121,7 +120,7 @@ _LAZY: dict[str, str] = {
     "Episode": "clipprior.data",
     "EpisodeMeta": "clipprior.data",
     "EpisodePriors": "clipprior.priors",
-    "EpisodeRecord": "clipprior.cache",
+    "EpisodeRecord": "clipprior.cache",  # deprecated: the cache returns Episode; not in __all__
     "EpisodeSampler": "clipprior.training",
     "FSSDataset": "clipprior.data",
     "FoldResult": "clipprior.evaluate",
@@ -192,7 +191,6 @@ __all__ = [
     "Episode",
     "EpisodeMeta",
     "EpisodePriors",
-    "EpisodeRecord",
     "EpisodeSampler",
     "FSSDataset",
     "FoldResult",

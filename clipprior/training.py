@@ -219,12 +219,10 @@ class EpisodeSampler:
     def _group_planned(self, cache: Any) -> list[list[Episode]]:
         groups: dict[Item, list[Episode]] = defaultdict(list)
         for record in cache.episodes:
-            if len(record.supports) != self.shot:
-                raise InvalidInputError(f"{cache!r} plans {len(record.supports)}-shot episodes, not {self.shot}-shot; "
-                                        f"build a {self.shot}-shot cache or pass shot={len(record.supports)}")
-            supports = tuple(zip(record.supports, record.support_labels, strict=True))
-            groups[(record.query, record.query_label)].append(
-                Episode(record.query, record.query_label, int(record.class_id), supports))
+            if record.shot != self.shot:
+                raise InvalidInputError(f"{cache!r} plans {record.shot}-shot episodes, not {self.shot}-shot; "
+                                        f"build a {self.shot}-shot cache or pass shot={record.shot}")
+            groups[record.query].append(record)
         if not groups:
             raise InvalidInputError(f"{cache!r} holds no episodes to draw from")
         order = list(groups)

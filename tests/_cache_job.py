@@ -21,7 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from clipprior.cache import CacheWriter, EpisodeRecord, shard_from_environment
+from clipprior.cache import CacheWriter, shard_from_environment
+from clipprior.data import Episode
 from clipprior.errors import CacheWriteError
 
 PATCH = 16
@@ -66,21 +67,21 @@ def fake_vtp(i: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:
     return cam, cam ** 2
 
 
-def episodes(n_images: int, n_episodes: int, shot: int = 1) -> list[EpisodeRecord]:
+def episodes(n_images: int, n_episodes: int, shot: int = 1) -> list[Episode]:
     out = []
     for e in range(n_episodes):
         q = e % n_images
         supports = [(q + 1 + k) % n_images for k in range(shot)]
-        out.append(EpisodeRecord(
-            e, image_key(q), image_key(q).replace("JPEGImages", "Labels").replace(".jpg", ".png"),
+        out.append(Episode(
+            image_key(q), image_key(q).replace("JPEGImages", "Labels").replace(".jpg", ".png"),
             image_classes(q)[e % len(image_classes(q))],
-            tuple(image_key(s) for s in supports), tuple(image_key(s).replace(".jpg", ".png") for s in supports),
+            tuple((image_key(s), image_key(s).replace(".jpg", ".png")) for s in supports), index=e,
         ))
     return out
 
 
-def fake_vvp(episode: EpisodeRecord, shot: int) -> np.ndarray:
-    q = int(episode.query.split("_")[-1].split(".")[0])
+def fake_vvp(episode: Episode, shot: int) -> np.ndarray:
+    q = int(episode.query_image.split("_")[-1].split(".")[0])
     return _rng("vvp", episode.index).random((2 * shot, *grid(q)), dtype=np.float32)
 
 
@@ -120,7 +121,7 @@ def run_job(out: Path, *, n_images: int = 12, n_episodes: int = 10, shot: int = 
         for e in episode_ids:
             if writer.has_vvp(e):
                 continue
-            q = int(eps[e].query.split("_")[-1].split(".")[0])
+            q = int(eps[e].query_image.split("_")[-1].split(".")[0])
             writer.add_image(image_key(q), *image_size(q))
             writer.add_vvp(e, fake_vvp(eps[e], shot))
             done += 1

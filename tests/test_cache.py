@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import errno
 import json
@@ -22,7 +23,6 @@ import clipprior
 from clipprior import cache as cache_module
 from clipprior.cache import (
     CacheWriter,
-    EpisodeRecord,
     PriorCache,
     _h5,
     check_cache,
@@ -34,11 +34,13 @@ from clipprior.cache import (
     shard_from_environment,
     shard_path,
 )
+from clipprior.cache import _format as fmt
 from clipprior.cache import _read as _cache_read
 from clipprior.cache import _report as _cache_report
 from clipprior.cache import _union as _cache_union
 from clipprior.cache import _write as _cache_write
 from clipprior.config import PriorConfig
+from clipprior.data import Episode
 from clipprior.errors import CacheError, CacheKeyError, CacheMismatchError, InvalidInputError
 from tests._cache_job import (
     assert_same_datasets,
@@ -627,9 +629,30 @@ def test_resize_matches_interpolate_and_validates() -> None:
 
 
 def test_public_names_and_doctests() -> None:
-    for name in ("CacheWriter", "PriorCache", "EpisodeRecord", "merge_caches", "resize_prior", "letterbox_prior"):
+    for name in ("CacheWriter", "PriorCache", "merge_caches", "resize_prior", "letterbox_prior"):
         assert getattr(clipprior, name) is getattr(cache_module, name)
     for module in (cache_module, _cache_write, _cache_read, _cache_union, _cache_report, _h5):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
-    assert EpisodeRecord._fields == ("index", "query", "query_label", "class_id", "supports", "support_labels")
+    # the row form set_episodes takes besides a numbered Episode: keys and labels in two columns
+    assert fmt.EPISODE_FIELDS == ("index", "query", "query_label", "class_id", "supports", "support_labels")
+
+
+def test_one_episode_type(tmp_path: Path) -> None:
+    """The cache stores and returns clipprior.data.Episode, numbered; the old row type is a warned alias."""
+    eps = episodes(12, 4, shot=2)
+    path = run_job(tmp_path / "p.h5", n_episodes=4, shot=2)
+    cache = PriorCache(path)
+    assert all(type(e) is Episode for e in cache) and [e.index for e in cache] == [0, 1, 2, 3]
+    assert cache.episodes == eps and cache.episode(2).supports == eps[2].supports
+    e = cache.episode(1)
+    # pairs stand where keys are taken: episode.query and episode.supports pass as they are
+    assert cache.find_episode(e.query, e.class_id, e.supports) == 1
+    assert cache.find_episode(e.query_image, e.class_id, e.support_images) == 1
+    assert torch.equal(cache.vtp(e.query, e.class_id), cache.vtp(e.query_image, e.class_id))
+    with pytest.raises(InvalidInputError, match="no index"):
+        CacheWriter(tmp_path / "q.h5", {"dataset": "demo"}).set_episodes([dataclasses.replace(e, index=None)])
+    with pytest.warns(DeprecationWarning, match="EpisodeRecord is deprecated"):
+        row = cache_module.EpisodeRecord(1, e.query_image, e.query_label, e.class_id, e.support_images,
+                                         e.support_labels)
+    assert row == e and row.index == 1

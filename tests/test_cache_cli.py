@@ -106,7 +106,7 @@ def test_verify_reports_missing_entries(runner: CliRunner, tmp_path: Path) -> No
         writer.set_episodes(eps)
         for i in range(4):
             writer.add_image(image_key(i), *image_size(i))
-        writer.add_vtp(eps[0].query, eps[0].class_id, *fake_vtp(0, eps[0].class_id))
+        writer.add_vtp(eps[0].query_image, eps[0].class_id, *fake_vtp(0, eps[0].class_id))
         writer.add_vvp(0, fake_vvp(eps[0], 1))
         writer.add_vvp(1, fake_vvp(eps[1], 1))
         writer.finalize(require_complete=False)

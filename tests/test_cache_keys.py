@@ -61,7 +61,7 @@ def test_episodes_by_trainer_paths(cache_path: Path, tmp_path: Path) -> None:
     cache = PriorCache(cache_path, data_root=tmp_path)
     episode = episodes(N_IMAGES, N_EPISODES)[3]
     prefix = "../data/VOCdevkit2012/VOC2012/"
-    query, supports = prefix + episode.query, [str(tmp_path / s) for s in episode.supports]
+    query, supports = prefix + episode.query_image, [str(tmp_path / s) for s in episode.support_images]
     assert cache.find_episode(query, episode.class_id, supports) == episode.index
     assert torch.equal(cache.vvp(query=query, class_id=episode.class_id, supports=supports), cache.vvp(episode.index))
 

@@ -139,4 +139,4 @@ def test_many_workers_iterate_the_whole_cache(data: tuple[Path, Path]) -> None:
         assert torch.equal(grid, cache.vvp(episode.index))  # bit-exact reads
         # resizing runs single-threaded in workers, so allow float rounding differences
         torch.testing.assert_close(original, cache.vvp(episode.index, size="original"))
-        assert original.shape[-2:] == image_size(int(episode.query[-8:-4]))
+        assert original.shape[-2:] == image_size(int(episode.query_image[-8:-4]))

@@ -338,7 +338,7 @@ def test_an_old_cache_with_a_query_mask_of_another_size_names_the_mask_not_the_d
     root, bad, _ = _broken_copy(clean_job, tmp_path, "mask of another size", "query")
     cache = PriorCache(clean_job["clean"])
     record = cache.episodes[0]
-    image = root / record.query
+    image = root / record.query_image
     assert root / record.query_label == bad
     expected = f"query mask {bad} of episode 0 is 40x60 (HxW) but its image {image} is 72x100"
     for images in (False, True):  # evaluate reads the masks only, show the pictures too
@@ -359,7 +359,7 @@ def test_show_names_a_support_mask_of_another_size_and_a_wrong_data_root_is_stil
     root, bad, needing = _broken_copy(clean_job, tmp_path, "mask of another size", "support")
     cache = PriorCache(clean_job["clean"])
     record = cache.episodes[min(needing)]
-    support = next(image for image, label in record.support_pairs if root / label == bad)
+    support = next(image for image, label in record.supports if root / label == bad)
     load_episode(cache, record, root, images=False)  # evaluate needs no support
     expected = f"mask {bad} is 40x60 (HxW) but image {root / support} is 72x100"
     with pytest.raises(DatasetError, match=re.escape(expected)):
@@ -367,7 +367,7 @@ def test_show_names_a_support_mask_of_another_size_and_a_wrong_data_root_is_stil
     # Another data set under the same names: the image too has another size than the cache recorded.
     other = Path(shutil.copytree(clean_job["root"], tmp_path / "other"))
     query = cache.episodes[0]
-    _break("image smaller than a patch", other / query.query, other / query.query_label)
+    _break("image smaller than a patch", other / query.query_image, other / query.query_label)
     with pytest.raises(InvalidInputError, match=r"is --data-root the folder the cache was computed from"):
         load_episode(cache, query, other, images=False)
 

@@ -56,7 +56,7 @@ def test_features_cache_serves_unplanned_episodes_like_vvp_from_images(features_
     assert cache.has_features and cache.provenance["store"] == "features"
     data = open_dataset("pascal5i", data_root, 0, "train")
     config = cache.config
-    planned = {(e.query, e.class_id, e.supports) for e in cache}
+    planned = {(e.query_image, e.class_id, e.support_images) for e in cache}
     unplanned = 0
     errors = []
     for image, _label, class_id, supports in _random_episodes(data, np.random.default_rng(0), 6, shot=1):
@@ -106,7 +106,7 @@ def test_maps_cache_serves_planned_episodes_and_says_how_to_serve_others(tmp_pat
     assert vtp_map.shape == (1, 8, 8) and vvp_map.shape == (2, 8, 8)
     with pytest.raises(CacheKeyError, match="--store features"):
         cache.query_features(episode.query)
-    others = [k for k in cache.images if k not in episode.supports and k != episode.query]
+    others = [k for k in cache.images if k not in episode.support_images and k != episode.query_image]
     with pytest.raises(CacheKeyError, match=r"no episode with query.*--store features"):
         cache.episode_priors(episode.query, episode.class_id, others[:1])
 

@@ -66,7 +66,7 @@ def test_loop_trains_on_every_drawn_episode(example: ModuleType, caches: dict[in
     history = example.train(caches[shot], voc, shot=shot, epochs=epochs, batch_size=4, workers=2,
                             start_method=start_method, image_size=48, feature_size=6, seed=3)
     cache = PriorCache(caches[shot])
-    planned = {f"{e.query}|{e.class_id}|{'|'.join(e.supports)}" for e in cache.episodes}
+    planned = {f"{e.query_image}|{e.class_id}|{'|'.join(e.support_images)}" for e in cache.episodes}
     assert history["mode"] == "planned"
     per_epoch = [len(seen) for seen in history["episodes"]]
     assert per_epoch == [history["queries"] // 4 * 4] * epochs and per_epoch[0] >= 8  # drop_last batches of 4
@@ -125,7 +125,7 @@ def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path
     assert history["mode"] == "free"
     assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
     assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
-    planned = {f"{e.query}|{e.class_id}|{'|'.join(e.supports)}" for e in PriorCache(path).episodes}
+    planned = {f"{e.query_image}|{e.class_id}|{'|'.join(e.support_images)}" for e in PriorCache(path).episodes}
     drawn = set().union(*history["episodes"])
     assert len(drawn - planned) >= len(drawn) - 4  # the cache planned 4 episodes; every other draw was served too
 

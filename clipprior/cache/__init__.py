@@ -35,11 +35,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, parts_dir, shard_path
-from clipprior.cache._h5 import EpisodeRecord
 from clipprior.cache._read import PriorCache, Size, letterbox_prior, resize_prior
 from clipprior.cache._report import CheckReport, check_cache, summarize_cache
-from clipprior.cache._union import provenance_diff
+from clipprior.cache._union import as_episode, provenance_diff
 from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environment
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "FORMAT_VERSION",
     "CacheWriter",
     "CheckReport",
-    "EpisodeRecord",
     "PriorCache",
     "Size",
     "check_cache",
@@ -60,3 +61,18 @@ __all__ = [
     "shard_path",
     "summarize_cache",
 ]
+
+
+def _episode_record(index: int, query: str, query_label: str, class_id: int, supports: Any,
+                    support_labels: Any) -> Any:
+    """The deprecated ``EpisodeRecord(...)`` row constructor: that episode as a numbered ``Episode``."""
+    return as_episode((index, query, query_label, class_id, supports, support_labels))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EpisodeRecord":
+        warnings.warn("clipprior.cache.EpisodeRecord is deprecated: the cache's episodes are clipprior.Episode, "
+                      "numbered (episode.index); build one as Episode(query_image, query_label, class_id, "
+                      "((image, label), ...), index=i)", DeprecationWarning, stacklevel=2)
+        return _episode_record
+    raise AttributeError(f"module 'clipprior.cache' has no attribute {name!r}")

@@ -139,6 +139,9 @@ IMAGES_SIZE = "images/size"
 #: The episode table: group and column names.
 EPISODES = "episodes"
 EPISODE_COLUMNS = ("index", "query", "query_label", "class_id", "support", "support_label")
+#: An episode as a row of that table (what ``CacheWriter.set_episodes`` takes besides a numbered
+#: :class:`~clipprior.data.Episode`): supports and their labels as two sequences of keys.
+EPISODE_FIELDS = ("index", "query", "query_label", "class_id", "supports", "support_labels")
 
 KeyedBy = Literal["image_class", "episode", "image"]
 

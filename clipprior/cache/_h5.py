@@ -33,6 +33,7 @@ import numpy as np
 
 from clipprior.cache import _format as fmt
 from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, RESERVED_ATTRS, MapKind, Table
+from clipprior.data.episodes import Episode
 from clipprior.errors import CacheCorruptError, CacheError, CacheWriteError
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "FORMAT_VERSION",
     "RESERVED_ATTRS",
     "AtomicFile",
-    "EpisodeRecord",
     "FileIndex",
     "GuardedFile",
     "MapPlan",
@@ -66,70 +66,6 @@ CHECKSUM: dict[str, Any] = {"fletcher32": True}
 BLOCK_BYTES = 8 << 20
 #: Source files kept open at once while consolidating (segments can number in the thousands).
 MAX_OPEN_SOURCES = 64
-
-
-class EpisodeRecord(NamedTuple):
-    """One row of the episode table: a numbered :class:`clipprior.data.Episode`.
-
-    The dataset side's :class:`~clipprior.data.Episode` (query, class, (image, label) support
-    pairs) and this row (the same, numbered, supports and their labels in two columns as stored)
-    convert only through :meth:`from_episode` and :meth:`as_episode`; :attr:`query_image`,
-    :attr:`shot` and :attr:`support_pairs` let a record stand where an episode is read.
-
-    Attributes:
-        index: Episode number (the position in the planned episode list).
-        query: Image key of the query.
-        query_label: Label (mask) key of the query.
-        class_id: Target class of the episode (the dataset's class id).
-        supports: Image keys of the K support images, in shot order.
-        support_labels: Label keys of the K support masks, in the same order.
-    """
-
-    index: int
-    query: str
-    query_label: str
-    class_id: int
-    supports: tuple[str, ...]
-    support_labels: tuple[str, ...]
-
-    @property
-    def query_image(self) -> str:
-        """The query image key (the name :class:`~clipprior.data.Episode` uses)."""
-        return self.query
-
-    @property
-    def shot(self) -> int:
-        """K, the number of supports."""
-        return len(self.supports)
-
-    @property
-    def support_pairs(self) -> tuple[tuple[str, str], ...]:
-        """``(image key, label key)`` per support, in shot order."""
-        return tuple(zip(self.supports, self.support_labels, strict=True))
-
-    @classmethod
-    def from_episode(cls, index: int, episode: Any) -> EpisodeRecord:
-        """The row of ``episode`` (a :class:`~clipprior.data.Episode`) numbered ``index``.
-
-        Example:
-            >>> from clipprior.data import Episode
-            >>> EpisodeRecord.from_episode(4, Episode("q.jpg", "q.png", 3, (("s.jpg", "s.png"),))).supports
-            ('s.jpg',)
-        """
-        pairs = tuple(episode.supports)
-        return cls(int(index), episode.query_image, episode.query_label, int(episode.class_id),
-                   tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
-
-    def as_episode(self) -> Any:
-        """This row as a :class:`clipprior.data.Episode` (what the dataset side and the engine take).
-
-        Example:
-            >>> EpisodeRecord(0, "q.jpg", "q.png", 3, ("s.jpg",), ("s.png",)).as_episode().supports
-            (('s.jpg', 's.png'),)
-        """
-        from clipprior.data.episodes import Episode  # the cache reader must not need the data package
-
-        return Episode(self.query, self.query_label, self.class_id, self.support_pairs)
 
 
 # --------------------------------------------------------------------------------------------- I/O
@@ -560,7 +496,7 @@ class FileIndex:
     image_keys: list[str]
     image_sizes: np.ndarray
     tables: dict[str, TableIndex]
-    episodes: list[EpisodeRecord] = field(default_factory=list)
+    episodes: list[Episode] = field(default_factory=list)
 
     @classmethod
     def read(cls, handle: h5py.File) -> FileIndex:
@@ -618,8 +554,8 @@ class FileIndex:
         return ((k, (int(s[0]), int(s[1]))) for k, s in zip(self.image_keys, sizes, strict=True))
 
 
-def read_episodes(handle: h5py.File) -> list[EpisodeRecord]:
-    """The episode table of an open cache-layout file, in file order."""
+def read_episodes(handle: h5py.File) -> list[Episode]:
+    """The episode table of an open cache-layout file, in file order, each episode numbered."""
     group = handle[fmt.EPISODES]
     c_index, c_query, c_label, c_class, c_support, c_support_label = fmt.EPISODE_COLUMNS
     indices = group[c_index][...].tolist()
@@ -631,11 +567,10 @@ def read_episodes(handle: h5py.File) -> list[EpisodeRecord]:
     shot = int(group[c_support].shape[1])
     supports = _strings(group[c_support])
     support_labels = _strings(group[c_support_label])
+    pairs = list(zip(supports, support_labels, strict=True))
     return [
-        EpisodeRecord(
-            int(index), queries[row], query_labels[row], int(classes[row]),
-            tuple(supports[row * shot:(row + 1) * shot]), tuple(support_labels[row * shot:(row + 1) * shot]),
-        )
+        Episode(queries[row], query_labels[row], int(classes[row]), tuple(pairs[row * shot:(row + 1) * shot]),
+                int(index))
         for row, index in enumerate(indices)
     ]
 
@@ -807,19 +742,19 @@ def _copy_maps(group: h5py.Group, kinds: Sequence[MapKind], plan: MapPlan, sourc
             progress(stop - start)
 
 
-def _write_episodes(handle: h5py.File, episodes: Sequence[EpisodeRecord]) -> None:
+def _write_episodes(handle: h5py.File, episodes: Sequence[Episode]) -> None:
     group = handle.create_group(fmt.EPISODES)
     c_index, c_query, c_label, c_class, c_support, c_support_label = fmt.EPISODE_COLUMNS
-    shot = len(episodes[0].supports) if episodes else 0
+    shot = episodes[0].shot if episodes else 0
     _create_dataset(group, c_index, np.asarray([e.index for e in episodes], np.int64))
-    _create_dataset(group, c_query, np.asarray([e.query for e in episodes], dtype=object), dtype=STR_DTYPE)
+    _create_dataset(group, c_query, np.asarray([e.query_image for e in episodes], dtype=object), dtype=STR_DTYPE)
     _create_dataset(group, c_label, np.asarray([e.query_label for e in episodes], dtype=object),
                     dtype=STR_DTYPE)
     _create_dataset(group, c_class, np.asarray([e.class_id for e in episodes], np.int32))
     supports = np.empty((len(episodes), shot), dtype=object)
     labels = np.empty((len(episodes), shot), dtype=object)
     for row, episode in enumerate(episodes):
-        supports[row] = episode.supports
+        supports[row] = episode.support_images
         labels[row] = episode.support_labels
     _create_dataset(group, c_support, supports, dtype=STR_DTYPE)
     _create_dataset(group, c_support_label, labels, dtype=STR_DTYPE)
@@ -839,7 +774,7 @@ def write_cache_file(
     provenance: Mapping[str, Any],
     images: Sequence[tuple[str, tuple[int, int]]],
     tables: Mapping[str, tuple[Sequence[Any], MapPlan]],
-    episodes: Sequence[EpisodeRecord],
+    episodes: Sequence[Episode],
     sources: SourceSet,
     progress: Callable[[int], None] | None = None,
     check: Callable[[], None] = _no_failure,

@@ -22,14 +22,27 @@ from clipprior._resize import resize_bilinear
 from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
 from clipprior.cache._format import parts_dir
-from clipprior.cache._h5 import EpisodeRecord, FileIndex
+from clipprior.cache._h5 import FileIndex
 from clipprior.config import PriorConfig
+from clipprior.data.episodes import Episode
 from clipprior.errors import CacheError, CacheKeyError, InvalidInputError
 
-__all__ = ["PriorCache", "Size", "letterbox_prior", "resize_prior"]
+__all__ = ["ImageRef", "PriorCache", "Size", "letterbox_prior", "resize_prior"]
 
 #: ``None`` (patch grid), ``"original"`` (the image's original size) or ``(H, W)``.
 Size = None | Literal["original"] | tuple[int, int]
+#: An image as the reader takes it: its key, a trainer's path for it, or an ``(image, label)`` pair
+#: as :class:`~clipprior.data.Episode` holds one (``episode.query``, each of ``episode.supports``).
+ImageRef = str | os.PathLike[str] | tuple[str, str]
+
+
+def _image_part(ref: ImageRef) -> str:
+    """The image of an :data:`ImageRef`, as text (the label of a pair plays no part in a lookup)."""
+    if isinstance(ref, tuple):
+        if len(ref) != 2:
+            raise InvalidInputError(f"expected an image key or an (image, label) pair, got {ref!r}")
+        ref = ref[0]
+    return os.fspath(ref)
 
 
 # -------------------------------------------------------------------------------------- resizing
@@ -128,16 +141,16 @@ class _ReaderIndex:
         self.episode_by_index = {e.index: e for e in self.episodes}
         self.episode_by_key: dict[tuple[str, int, tuple[str, ...]], int] = {}
         for e in self.episodes:
-            self.episode_by_key.setdefault((e.query, e.class_id, e.supports), e.index)
+            self.episode_by_key.setdefault((e.query_image, e.class_id, e.support_images), e.index)
         #: ``{(query, class_id): [support, ...]}`` of the one-shot episodes (a pool cache's pools).
         self.pools: dict[tuple[str, int], list[str]] = {}
         for e in self.episodes:
-            if len(e.supports) == 1:
-                pool = self.pools.setdefault((e.query, e.class_id), [])
-                if e.supports[0] not in pool:
-                    pool.append(e.supports[0])
+            if e.shot == 1:
+                pool = self.pools.setdefault((e.query_image, e.class_id), [])
+                if e.supports[0][0] not in pool:
+                    pool.append(e.supports[0][0])
         # every key a caller may name: images with priors, and the supports of the episodes
-        self.known_keys = set(self.image_row).union(*(e.supports for e in self.episodes))
+        self.known_keys = set(self.image_row).union(*(e.support_images for e in self.episodes))
 
 
 class PriorCache:
@@ -163,7 +176,7 @@ class PriorCache:
     Example:
         >>> cache = PriorCache("priors.h5")  # doctest: +SKIP
         >>> for episode in cache:  # doctest: +SKIP
-        ...     vtp = cache.vtp(episode.query, episode.class_id, size=(60, 60))  # (60, 60)
+        ...     vtp = cache.vtp(episode.query_image, episode.class_id, size=(60, 60))  # (60, 60)
         ...     vvp = cache.vvp(episode.index, size=(60, 60))  # (2K, 60, 60)
     """
 
@@ -237,8 +250,8 @@ class PriorCache:
 
     # -- keys --------------------------------------------------------------------------------------
 
-    def image_key(self, path: str | os.PathLike[str]) -> str:
-        """The cache key of an image given as a key, a trainer's list path or an absolute path.
+    def image_key(self, path: ImageRef) -> str:
+        """The cache key of an image given as a key, a trainer's list path, an absolute path or an (image, label) pair.
 
         Tried in order: the key as given; with ``data_root``, an absolute path under it, relative
         to it; the list reader's rule for the cache's dataset (keep the path from the dataset's
@@ -246,7 +259,8 @@ class PriorCache:
 
         Args:
             path: ``"JPEGImages/2007_000033.jpg"``, ``"../data/VOCdevkit2012/VOC2012/JPEGImages/2007_000033.jpg"``,
-                ``"/data/VOC2012/JPEGImages/2007_000033.jpg"``, ...
+                ``"/data/VOC2012/JPEGImages/2007_000033.jpg"``, ... or an ``(image, label)`` pair
+                (:attr:`Episode.query <clipprior.data.Episode.query>`), of which the image counts.
 
         Returns:
             The key, as in :attr:`images`.
@@ -259,19 +273,19 @@ class PriorCache:
             ...     "/home/me/data/VOC2012/JPEGImages/2007_000033.jpg")  # doctest: +SKIP
             'JPEGImages/2007_000033.jpg'
         """
-        text = os.fspath(path)
+        text = _image_part(path)
         key = self._keys.get(text)
         if key is None:
             key = self._resolve(text)
             self._keys[text] = key
         return key
 
-    def _lenient_key(self, path: str | os.PathLike[str]) -> str:
+    def _lenient_key(self, path: ImageRef) -> str:
         """The key of ``path`` if it maps onto one, else ``path`` as given (the lookup then fails on its own)."""
         try:
             return self.image_key(path)
         except CacheKeyError:
-            return os.fspath(path)
+            return _image_part(path)
 
     def _resolve(self, text: str) -> str:
         rows = self._index.known_keys
@@ -336,14 +350,14 @@ class PriorCache:
         return list(self._index.file.image_keys)
 
     @property
-    def episodes(self) -> list[EpisodeRecord]:
-        """The episode table, sorted by index."""
+    def episodes(self) -> list[Episode]:
+        """The episode table, sorted by index: numbered :class:`~clipprior.data.Episode` s."""
         return list(self._index.episodes)
 
     @property
     def shot(self) -> int:
         """K, the supports per episode (0 without episodes)."""
-        return len(self._index.episodes[0].supports) if self._index.episodes else 0
+        return self._index.episodes[0].shot if self._index.episodes else 0
 
     def vtp_keys(self) -> list[tuple[str, int]]:
         """``(image_key, class_id)`` of every cached VTP, sorted."""
@@ -359,7 +373,7 @@ class PriorCache:
         """
         return list(self._index.rows[fmt.QFEAT.group]), list(self._index.rows[fmt.SFEAT.group])
 
-    def image_size(self, image_key: str) -> tuple[int, int]:
+    def image_size(self, image_key: ImageRef) -> tuple[int, int]:
         """Original (height, width) of an image.
 
         Raises:
@@ -372,7 +386,7 @@ class PriorCache:
         h, w = self._index.file.image_sizes[row].tolist()
         return int(h), int(w)
 
-    def has_vtp(self, image_key: str, class_id: int) -> bool:
+    def has_vtp(self, image_key: ImageRef, class_id: int) -> bool:
         """Whether the VTP of ``(image_key, class_id)`` is cached (``image_key`` as in :meth:`image_key`)."""
         class_id = self._class_id(class_id)
         try:
@@ -388,10 +402,10 @@ class PriorCache:
     def __len__(self) -> int:
         return len(self._index.episodes)
 
-    def __iter__(self) -> Iterator[EpisodeRecord]:
+    def __iter__(self) -> Iterator[Episode]:
         return iter(list(self._index.episodes))
 
-    def episode(self, index: int) -> EpisodeRecord:
+    def episode(self, index: int) -> Episode:
         """The episode with this index.
 
         Raises:
@@ -403,8 +417,12 @@ class PriorCache:
                                 f"run `clipprior inspect {self.path}` to see what is cached")
         return record
 
-    def find_episode(self, query: str, class_id: int, supports: Sequence[str]) -> int:
+    def find_episode(self, query: ImageRef, class_id: int, supports: Sequence[ImageRef]) -> int:
         """Index of the (first) episode with this query, class and supports (in shot order).
+
+        Images are given as in :meth:`image_key` (keys, trainer paths or ``(image, label)`` pairs,
+        so ``find_episode(*episode_of_a_sampler)``-style calls pass ``episode.query`` and
+        ``episode.supports`` as they are).
 
         Raises:
             CacheKeyError: if no episode matches.
@@ -421,13 +439,13 @@ class PriorCache:
 
     # -- maps --------------------------------------------------------------------------------------
 
-    def vtp(self, image_key: str, class_id: int, *, refined: bool = True, size: Size = None,
+    def vtp(self, image_key: ImageRef, class_id: int, *, refined: bool = True, size: Size = None,
             align_corners: bool = False) -> torch.Tensor:
         """The visual-text prior of one ``(image, class)``.
 
         Args:
-            image_key: Key of the image (see :attr:`images`), or the trainer's path for it (see
-                :meth:`image_key`).
+            image_key: Key of the image (see :attr:`images`), the trainer's path for it or an
+                (image, label) pair (see :meth:`image_key`).
             class_id: The dataset's class id (1-based, as in the masks).
             refined: The PIR-refined map (default) or the raw Grad-CAM.
             size: ``None`` for the patch grid (h, w); ``"original"`` for the image's original size;
@@ -456,15 +474,15 @@ class PriorCache:
         data = self._entry(fmt.VTP_REFINED if refined else fmt.VTP_CAM, row, (image_key, class_id))[:h, :w]
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key, align_corners)
 
-    def vvp(self, episode_index: int | None = None, *, query: str | None = None, class_id: int | None = None,
-            supports: Sequence[str] | None = None, size: Size = None, align_corners: bool = False) -> torch.Tensor:
+    def vvp(self, episode_index: int | None = None, *, query: ImageRef | None = None, class_id: int | None = None,
+            supports: Sequence[ImageRef] | None = None, size: Size = None, align_corners: bool = False) -> torch.Tensor:
         """The visual-visual prior of one episode, by index or by ``(query, class_id, supports)``.
 
         Args:
             episode_index: The episode's index; or leave it ``None`` and give the three keys below.
-            query: Query image key.
+            query: Query image (key, trainer path or (image, label) pair, as in :meth:`image_key`).
             class_id: Target class.
-            supports: Support image keys in shot order.
+            supports: Support images in shot order, each as ``query``.
             size: As in :meth:`vtp` (``"original"``: the query's original size).
             align_corners: As in :meth:`vtp`.
 
@@ -486,7 +504,8 @@ class PriorCache:
                                 f"run `clipprior inspect {self.path}` to see what is cached")
         h, w = self._index.file.tables[fmt.VVP.group].grids[row].tolist()
         data = self._entry(fmt.VVP_MAPS, row, index)[:, :h, :w]
-        query_key = self._index.episode_by_index[index].query if index in self._index.episode_by_index else None
+        episode = self._index.episode_by_index.get(index)
+        query_key = None if episode is None else episode.query_image
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key, align_corners)
 
     # -- store modes: features (any episode), pool (planned supports per query) -----------------------
@@ -513,7 +532,7 @@ class PriorCache:
         """Whether this is a support-pool cache (``--supports-per-query M``): see :meth:`support_pool`."""
         return self.store == "pool"
 
-    def support_pool(self, query: str, class_id: int) -> list[str]:
+    def support_pool(self, query: ImageRef, class_id: int) -> list[str]:
         """The support image keys this cache holds a one-shot VVP for, with this query and class.
 
         A pool cache (``clipprior precompute --supports-per-query M``) plans M supports per (query,
@@ -522,7 +541,7 @@ class PriorCache:
         answers with the supports of its one-shot episodes.
 
         Args:
-            query: Query image key (or the trainer's path for it).
+            query: Query image, as in :meth:`image_key`.
             class_id: Target class.
 
         Returns:
@@ -534,7 +553,7 @@ class PriorCache:
         """
         return list(self._index.pools.get((self._lenient_key(query), self._class_id(class_id)), ()))
 
-    def query_features(self, image_key: str, *, device: torch.device | str | None = None) -> torch.Tensor:
+    def query_features(self, image_key: ImageRef, *, device: torch.device | str | None = None) -> torch.Tensor:
         """The stored VVP-layer features of a query image: (L * D, h, w) float32 unit vectors.
 
         Raises:
@@ -548,7 +567,7 @@ class PriorCache:
         data = self._entry(fmt.QFEAT_FEATURES, row, image_key)[:, :h, :w]
         return torch.from_numpy(data).to(device or "cpu", torch.float32)
 
-    def support_features(self, image_key: str, class_id: int, *, device: torch.device | str | None = None
+    def support_features(self, image_key: ImageRef, class_id: int, *, device: torch.device | str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored masked features of a (support image, class): (L * D, h, w) and its (h, w) mask.
 
@@ -581,7 +600,7 @@ class PriorCache:
                 f"of {prov.get('dataset')} fold {prov.get('fold')} {prov.get('split')}; was the key given as "
                 "written in those lists (see PriorCache.images), or was the file left out as broken?")
 
-    def episode_priors(self, query: str, class_id: int, supports: Sequence[str | Sequence[str]], *,
+    def episode_priors(self, query: ImageRef, class_id: int, supports: Sequence[ImageRef], *,
                        size: Size = None, align_corners: bool = False,
                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """VTP and VVP of an episode, in the official channel order: vtp (1, h, w), vvp (2K, h, w).
@@ -595,9 +614,9 @@ class PriorCache:
         - ``maps``: the planned episodes (and any stack of planned one-shot episodes).
 
         Args:
-            query: Query image key (or the trainer's path for it).
+            query: Query image, as in :meth:`image_key` (``episode.query`` as it is).
             class_id: Target class.
-            supports: Support image keys (or ``(image, label)`` pairs) in shot order.
+            supports: Support images in shot order, each as ``query`` (``episode.supports`` as they are).
             size: ``None``: each map on its own patch grid (the VTP and VVP grids differ in the
                 official geometry); ``"original"``: the query's original size; ``(H, W)``: bilinear.
             align_corners: Passed to the bilinear resize (the official model's own resizes use True).
@@ -617,7 +636,7 @@ class PriorCache:
             >>> prior_channels(vtp, vvp).shape  # PI-CLIP's [VTP, VTP, VVP] prior channels  # doctest: +SKIP
             torch.Size([6, 60, 60])
         """
-        keys = [s if isinstance(s, (str, os.PathLike)) else s[0] for s in supports]
+        keys = [_image_part(s) for s in supports]
         if not keys:
             raise InvalidInputError("an episode needs at least one support")
         vtp = self.vtp(query, class_id)[None].to(device or "cpu")
@@ -635,12 +654,12 @@ class PriorCache:
             vvp = resize_prior(vvp, target, align_corners=align_corners)
         return vtp, vvp
 
-    def _planned_vvp(self, query: str, class_id: int, supports: Sequence[str]) -> torch.Tensor:
+    def _planned_vvp(self, query: ImageRef, class_id: int, supports: Sequence[str]) -> torch.Tensor:
         """The planned episode's VVP, or the stack of its supports' planned one-shot VVPs (layer-major)."""
         try:
             return self.vvp(query=query, class_id=class_id, supports=supports)
         except CacheKeyError as err:
-            if len(supports) == 1 and not self.has_pool:
+            if len(supports) == 1:  # the one-shot episode itself was just looked up
                 raise self._not_served(err, query, class_id) from err
             try:
                 single = [self.vvp(query=query, class_id=class_id, supports=[s]) for s in supports]
@@ -648,7 +667,7 @@ class PriorCache:
                 raise self._not_served(err, query, class_id) from err
         return torch.stack(single, dim=1).reshape(-1, *single[0].shape[-2:])  # (L, K, h, w): layer-major
 
-    def _not_served(self, err: CacheKeyError, query: str, class_id: int) -> CacheKeyError:
+    def _not_served(self, err: CacheKeyError, query: ImageRef, class_id: int) -> CacheKeyError:
         if self.has_pool:
             pool = self.support_pool(query, class_id)
             return CacheKeyError(f"{err.args[0]}. This pool cache holds {len(pool)} support(s) for this query and "

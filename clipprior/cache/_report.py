@@ -278,8 +278,8 @@ def _check(cache: PriorCache, handle: h5py.File, index: FileIndex, progress: Pro
                             "by `clipprior merge` (or verify the merged file)")
     else:
         texts = {
-            "image": lambda e: f"episode {e.index}: no image size for query {e.query!r}",
-            "vtp": lambda e: f"episode {e.index}: VTP ({e.query!r}, class {e.class_id}) is missing",
+            "image": lambda e: f"episode {e.index}: no image size for query {e.query_image!r}",
+            "vtp": lambda e: f"episode {e.index}: VTP ({e.query_image!r}, class {e.class_id}) is missing",
             "vvp": lambda e: f"episode {e.index}: VVP is missing",
         }
         vtp = index.tables[fmt.VTP.group].keys

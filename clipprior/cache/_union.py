@@ -19,7 +19,8 @@ import torch
 
 from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
-from clipprior.cache._h5 import EpisodeRecord, FileIndex, MapPlan, SourceSet
+from clipprior.cache._h5 import FileIndex, MapPlan, SourceSet
+from clipprior.data.episodes import Episode
 from clipprior.errors import CacheError, CacheMismatchError, InvalidInputError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "check_int",
     "check_key",
     "coverage_gaps",
+    "episode_row",
     "mismatch_error",
     "missing_entries",
     "normalize_provenance",
@@ -144,17 +146,38 @@ def to_map(x: Any, ndim: int, what: str) -> np.ndarray:
     return out
 
 
-def as_episode(obj: Any) -> EpisodeRecord:
-    """Coerce an :class:`EpisodeRecord`, a 6-sequence, a mapping or an object with those attributes."""
-    names = EpisodeRecord._fields
-    if isinstance(obj, Mapping):
+def episode_row(episode: Episode) -> tuple[Any, ...]:
+    """``episode`` as a row of the episode table: the values of :data:`~clipprior.cache._format.EPISODE_FIELDS`."""
+    return (episode.index, episode.query_image, episode.query_label, episode.class_id, episode.support_images,
+            episode.support_labels)
+
+
+def as_episode(obj: Any) -> Episode:
+    """Coerce a numbered :class:`~clipprior.data.Episode`, or a row of the episode table, into a checked Episode.
+
+    A row is a 6-sequence, a mapping or an object with the fields :data:`~clipprior.cache._format.EPISODE_FIELDS`
+    (``index, query, query_label, class_id, supports, support_labels``: image keys and label keys
+    in two columns, as stored).
+
+    Raises:
+        InvalidInputError: an unnumbered episode (use ``episode.numbered(i)``), a malformed row, an
+            empty key or no supports.
+    """
+    names = fmt.EPISODE_FIELDS
+    if isinstance(obj, Episode):
+        if obj.index is None:
+            raise InvalidInputError(f"episode {obj!r} has no index; number it with episode.numbered(i) "
+                                    "(its position in the planned list)")
+        values = list(episode_row(obj))
+    elif isinstance(obj, Mapping):
         values = [obj.get(n) for n in names]
     elif isinstance(obj, Sequence) and not isinstance(obj, str) and len(obj) == len(names):
         values = list(obj)
     elif all(hasattr(obj, n) for n in names):
         values = [getattr(obj, n) for n in names]
     else:
-        raise InvalidInputError(f"cannot read an episode from {obj!r}; give fields {names}")
+        raise InvalidInputError(f"cannot read an episode from {obj!r}; give a numbered clipprior.data.Episode "
+                                f"or a row with fields {names}")
     index = check_int(values[0], "episode index", minimum=0)
     query = check_key(values[1], f"episode {index} query")
     query_label = check_key(values[2], f"episode {index} query_label")
@@ -167,7 +190,7 @@ def as_episode(obj: Any) -> EpisodeRecord:
         raise InvalidInputError(
             f"episode {index}: needs K >= 1 supports and as many support labels, got {len(supports)} and {len(labels)}"
         )
-    return EpisodeRecord(index, query, query_label, class_id, supports, labels)
+    return Episode(query, query_label, class_id, tuple(zip(supports, labels, strict=True)), index)
 
 
 def now_utc() -> str:
@@ -188,10 +211,10 @@ class Gap(NamedTuple):
 
     episode: int
     what: str
-    record: EpisodeRecord
+    record: Episode
 
 
-def coverage_gaps(episodes: Iterable[EpisodeRecord], images: Container[str], vtp: Container[tuple[str, int]],
+def coverage_gaps(episodes: Iterable[Episode], images: Container[str], vtp: Container[tuple[str, int]],
                   vvp: Container[int]) -> list[Gap]:
     """What each episode needs (query image size, query VTP for its class, its VVP) and is not there.
 
@@ -199,9 +222,9 @@ def coverage_gaps(episodes: Iterable[EpisodeRecord], images: Container[str], vtp
     """
     gaps: list[Gap] = []
     for episode in episodes:
-        if episode.query not in images:
+        if episode.query_image not in images:
             gaps.append(Gap(episode.index, "image", episode))
-        if (episode.query, episode.class_id) not in vtp:
+        if (episode.query_image, episode.class_id) not in vtp:
             gaps.append(Gap(episode.index, "vtp", episode))
         if episode.index not in vvp:
             gaps.append(Gap(episode.index, "vvp", episode))
@@ -211,8 +234,8 @@ def coverage_gaps(episodes: Iterable[EpisodeRecord], images: Container[str], vtp
 def missing_entries(index: SourceUnion) -> list[str]:
     """What the episode table needs but the union lacks (query VTP, VVP, query image size), de-duplicated."""
     names = {
-        "image": lambda e: f"image size of {e.query!r}",
-        "vtp": lambda e: f"VTP ({e.query!r}, class {e.class_id})",
+        "image": lambda e: f"image size of {e.query_image!r}",
+        "vtp": lambda e: f"VTP ({e.query_image!r}, class {e.class_id})",
         "vvp": lambda e: f"VVP of episode {e.index}",
     }
     gaps = coverage_gaps(index.episodes.values(), index.images, index.vtp, index.vvp)
@@ -236,7 +259,7 @@ class SourceUnion:
             :data:`clipprior.cache._format.TABLES`; ``source`` indexes ``indices``, then the
             in-memory sources given to :meth:`write`.
         channels: ``{kind name: C}`` of the (C, h, w) map kinds (0 while there are none).
-        episodes: ``{episode_index: EpisodeRecord}``.
+        episodes: ``{episode_index: Episode}``.
     """
 
     def __init__(self, indices: Sequence[FileIndex] = ()) -> None:
@@ -244,7 +267,7 @@ class SourceUnion:
         self.images: dict[str, tuple[int, int]] = {}
         self.tables: dict[str, dict[Any, Entry]] = {name: {} for name in fmt.TABLES}
         self.channels: dict[str, int] = {k.name: 0 for k in fmt.MAP_KINDS if k.channels}
-        self.episodes: dict[int, EpisodeRecord] = {}
+        self.episodes: dict[int, Episode] = {}
         for idx in indices:
             self.append(idx)
 
@@ -292,22 +315,23 @@ class SourceUnion:
                 entries.setdefault(key, (source, row, (int(grid[0]), int(grid[1]))))
         for record in idx.episodes:
             self.add_episode(record, idx.path)
-    def add_episode(self, record: EpisodeRecord, where: Path) -> bool:
-        """Add one episode; ``False`` if it was known already, :class:`CacheMismatchError` on a conflict."""
+    def add_episode(self, record: Episode, where: Path) -> bool:
+        """Add one numbered episode; ``False`` if it was known already, :class:`CacheMismatchError` on a conflict."""
         known = self.episodes.get(record.index)
         if known is None:
             if self.episodes:
-                shot = len(next(iter(self.episodes.values())).supports)
-                if len(record.supports) != shot:
+                shot = next(iter(self.episodes.values())).shot
+                if record.shot != shot:
                     raise CacheMismatchError(
-                        f"episode {record.index} has {len(record.supports)} supports but the cached episodes have "
+                        f"episode {record.index} has {record.shot} supports but the cached episodes have "
                         f"{shot} ({where}); every episode of a cache has the same shot"
                     )
             self.episodes[record.index] = record
             return True
         if known != record:
             diff = {f"episode {record.index}.{f}": (a, b)
-                    for f, a, b in zip(EpisodeRecord._fields, known, record, strict=True) if a != b}
+                    for f, a, b in zip(fmt.EPISODE_FIELDS, episode_row(known), episode_row(record), strict=True)
+                    if a != b}
             raise mismatch_error(where, diff, "episode table")
         return False
 

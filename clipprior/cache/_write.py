@@ -18,7 +18,7 @@ import numpy as np
 from clipprior.cache import _format as fmt
 from clipprior.cache import _h5
 from clipprior.cache._format import check_shard, parts_dir, segment_name, segment_number, shard_path
-from clipprior.cache._h5 import EpisodeRecord, FileIndex
+from clipprior.cache._h5 import FileIndex
 from clipprior.cache._union import (
     SourceUnion,
     as_episode,
@@ -31,6 +31,7 @@ from clipprior.cache._union import (
     provenance_diff,
     to_map,
 )
+from clipprior.data.episodes import Episode
 from clipprior.errors import CacheError, CacheWriteError, InvalidInputError
 
 try:  # POSIX advisory locks; released by the kernel when a process dies, even by SIGKILL.
@@ -312,7 +313,7 @@ class CacheWriter:
         return key in self._union.tables[fmt.SFEAT.group] or key in self._buf[fmt.SFEAT.group]
 
     @property
-    def episodes(self) -> list[EpisodeRecord]:
+    def episodes(self) -> list[Episode]:
         """The episode table as known so far, sorted by index."""
         return [self._union.episodes[i] for i in sorted(self._union.episodes)]
 
@@ -331,7 +332,7 @@ class CacheWriter:
         self._buf_images: dict[str, tuple[int, int]] = {}
         # Per table of the format, per key: one array per map kind of the table, in declared order.
         self._buf: dict[str, dict[Any, tuple[np.ndarray, ...]]] = {name: {} for name in fmt.TABLES}
-        self._buf_episodes: list[EpisodeRecord] = []
+        self._buf_episodes: list[Episode] = []
         self._buf_bytes = 0
 
     def add_image(self, image_key: str, height: int, width: int) -> None:
@@ -464,7 +465,9 @@ class CacheWriter:
         """Record the episode table (once per run; the same table again on resume is a no-op).
 
         Args:
-            episodes: :class:`EpisodeRecord` s, or 6-tuples / mappings / objects with the fields
+            episodes: Numbered :class:`~clipprior.data.Episode` s (``episode.index`` set, as
+                :func:`~clipprior.precompute.episode_records` numbers them), or rows of the table:
+                6-tuples / mappings / objects with the fields
                 ``(index, query, query_label, class_id, supports, support_labels)``.
 
         Raises:

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from clipprior.cache import EpisodeRecord, PriorCache, check_cache, merge_caches, summarize_cache
+from clipprior.cache import PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cache import _format as fmt
 from clipprior.cli._common import (
     clip_options,
@@ -27,6 +27,7 @@ from clipprior.cli._common import (
     progress_bar,
     seed_option,
 )
+from clipprior.data import Episode
 from clipprior.errors import CacheError
 
 __all__ = ["inspect_cmd", "merge_cmd", "verify_cmd"]
@@ -163,7 +164,7 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
 # --------------------------------------------------------------------------------------------- verify
 
 
-def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, model: str | None,
+def _recompute_sample(cache: PriorCache, episodes: Sequence[Episode], *, model: str | None,
                       data_root: Path | None, device: str, dtype: str, atol: float) -> list[str]:
     """Recompute the priors of some episodes with the model and compare them with the cache.
 
@@ -204,10 +205,10 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[EpisodeRecord], *, m
     names = prompt_names(prov["dataset"])
     problems = []
     for record in episodes:
-        fresh = recompute_episode(clip, dataset, record.as_episode(), class_names=names, config=cache.config)
+        fresh = recompute_episode(clip, dataset, record, class_names=names, config=cache.config)
         checks = {
-            fmt.VTP_CAM.label: (cache.vtp(record.query, record.class_id, refined=False), fresh.cam),
-            fmt.VTP_REFINED.label: (cache.vtp(record.query, record.class_id, refined=True), fresh.refined),
+            fmt.VTP_CAM.label: (cache.vtp(record.query_image, record.class_id, refined=False), fresh.cam),
+            fmt.VTP_REFINED.label: (cache.vtp(record.query_image, record.class_id, refined=True), fresh.refined),
             fmt.VVP_MAPS.label: (cache.vvp(record.index), fresh.vvp),
         }
         for what, (cached, computed) in checks.items():

@@ -94,7 +94,7 @@ def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, t
         class_id=record.class_id, supports=data.supports, support_masks=supports, class_name=facts_name,
         cmap=cmap, threshold=threshold,
     )
-    caption = f"query {record.query}; supports {', '.join(record.supports) or '-'}"
+    caption = f"query {record.query_image}; supports {', '.join(record.support_images) or '-'}"
     return compose_panel([row], title=f"episode {record.index}: {facts_name} (class {record.class_id})",
                          caption=caption, tile_height=tile_height, cmap=cmap)
 
@@ -149,7 +149,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
             path = out_dir / f"episode_{index:05d}.png"
             with writing(path, out_option):
                 _panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
-            details = {"query": data.record.query.rsplit("/", 1)[-1]}
+            details = {"query": data.record.query_image.rsplit("/", 1)[-1]}
             for kind in _PANEL_ORDER:
                 prior = data.priors[kind]
                 if prior is None:

@@ -102,21 +102,37 @@ def default_episodes(dataset: str, trainer: str = "pi-clip") -> int:
     return spec.trainer_episodes[key]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Episode:
-    """One few-shot episode; paths are ids relative to the data root.
+    """One few-shot episode: a query, a class and K supports, each an (image, label) pair of ids.
+
+    The one episode type of clipprior: the sampler draws it, the episode file and the cache's
+    episode table store it, the engine computes it and :class:`~clipprior.cache.PriorCache` returns
+    it. Ids are relative to the data root; every reader method that takes an image key also takes
+    an (image, label) pair, so ``episode.query`` and ``episode.supports`` can be passed as they are.
 
     Attributes:
         query_image: Query image id.
         query_label: Query mask id.
         class_id: The episode's class, 1-based dataset id.
         supports: ``shot`` (image id, label id) pairs, in draw order.
+        index: Position in its planned list (the episode file, the cache's episode table); ``None``
+            for an episode drawn on its own. Not part of equality: the same episode under two
+            numbers compares equal.
+
+    Example:
+        >>> ep = Episode("q.jpg", "q.png", 3, (("s.jpg", "s.png"),), index=4)
+        >>> ep.query, ep.support_images, ep.shot
+        (('q.jpg', 'q.png'), ('s.jpg',), 1)
+        >>> ep == Episode("q.jpg", "q.png", 3, (("s.jpg", "s.png"),))
+        True
     """
 
     query_image: str
     query_label: str
     class_id: int
-    supports: tuple[tuple[str, str], ...]
+    supports: tuple[Item, ...]
+    index: int | None = dataclasses.field(default=None, compare=False)
 
     @property
     def shot(self) -> int:
@@ -127,6 +143,20 @@ class Episode:
     def query(self) -> Item:
         """(query image id, query label id)."""
         return self.query_image, self.query_label
+
+    @property
+    def support_images(self) -> tuple[str, ...]:
+        """The supports' image ids, in shot order (the keys a cache looks supports up by)."""
+        return tuple(image for image, _ in self.supports)
+
+    @property
+    def support_labels(self) -> tuple[str, ...]:
+        """The supports' label ids, in shot order."""
+        return tuple(label for _, label in self.supports)
+
+    def numbered(self, index: int) -> Episode:
+        """This episode with ``index`` set (its position in a planned list)."""
+        return dataclasses.replace(self, index=int(index))
 
 
 @dataclass(frozen=True)
@@ -338,7 +368,7 @@ def pool_episodes(dataset: FSSDataset, supports_per_query: int, seed: int = 0) -
                                "in its support list: a trainer drawing this class for it has no episode"))
                 continue
             for k in draw_supports(rng, pool, query, min(int(supports_per_query), available)):
-                episodes.append(Episode(image_id, label_id, int(class_id), (pool[k],)))
+                episodes.append(Episode(image_id, label_id, int(class_id), (pool[k],), index=len(episodes)))
     return episodes
 
 
@@ -361,7 +391,7 @@ def _draw(dataset: FSSDataset, rng: np.random.Generator, image_id: str, label_id
                        f"class {class_id} has {available} support(s) besides this query in its support list, "
                        f"a {shot}-shot episode needs {shot}")
     chosen = draw_supports(rng, pool, query, shot)
-    out.append(Episode(image_id, label_id, int(class_id), tuple(pool[k] for k in chosen)))
+    out.append(Episode(image_id, label_id, int(class_id), tuple(pool[k] for k in chosen), index=len(out)))
     return None
 
 
@@ -511,7 +541,8 @@ def read_episodes(path: str | os.PathLike[str]) -> tuple[list[Episode], EpisodeM
         if not isinstance(supports, list) or len(supports) != meta.shot:
             raise DatasetError(f"{where}: expected {meta.shot} supports (header shot), "
                                f"found {len(supports) if isinstance(supports, list) else supports!r}")
-        episodes.append(Episode(query[0], query[1], class_id, tuple(_pair(s, where) for s in supports)))
+        episodes.append(Episode(query[0], query[1], class_id, tuple(_pair(s, where) for s in supports),
+                                index=len(episodes)))
     if len(episodes) != meta.n_episodes:
         raise DatasetError(f"{path} holds {len(episodes)} episodes but its header says {meta.n_episodes}; "
                            "the file is truncated or was edited")

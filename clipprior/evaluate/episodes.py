@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipprior.cache import EpisodeRecord, PriorCache, Size
+from clipprior.cache import PriorCache, Size
 from clipprior.cache import _format as fmt
-from clipprior.data import class_names, dataset_name, fold_classes, load_label, load_rgb
+from clipprior.data import Episode, class_names, dataset_name, fold_classes, load_label, load_rgb
 from clipprior.data.images import check_same_size, image_size
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
 from clipprior.evaluate.metrics import vvp_map
@@ -135,7 +135,7 @@ class EpisodeData:
             ``None`` when not cached).
     """
 
-    record: EpisodeRecord
+    record: Episode
     query: np.ndarray | None
     label: np.ndarray
     supports: list[np.ndarray]
@@ -143,7 +143,7 @@ class EpisodeData:
     priors: dict[str, np.ndarray | None]
 
 
-def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images: bool = True) -> EpisodeData:
+def load_episode(cache: PriorCache, record: Episode, root: Path, *, images: bool = True) -> EpisodeData:
     """Ground truth (and pictures) from the data root, priors from the cache, all at the label's size.
 
     VTP maps come at the image's original size from :meth:`PriorCache.vtp`; VVP is reduced to one
@@ -168,7 +168,7 @@ def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images
     """
     label_path = root / record.query_label
     label = load_label(label_path)
-    cached = tuple(cache.image_size(record.query))
+    cached = tuple(cache.image_size(record.query_image))
     if tuple(label.shape) != cached:
         _label_size_error(cache, record, root, tuple(label.shape), cached)
     priors = {str(kind.prior): _prior(cache, kind, record, label.shape) for kind in fmt.PRIORS}
@@ -176,25 +176,25 @@ def load_episode(cache: PriorCache, record: EpisodeRecord, root: Path, *, images
     supports: list[np.ndarray] = []
     support_labels: list[np.ndarray] = []
     if images:
-        query = load_rgb(root / record.query)
+        query = load_rgb(root / record.query_image)
         if tuple(query.shape[:2]) != cached:
-            raise _wrong_root(cache, record, root / record.query, tuple(query.shape[:2]), cached)
-        supports = [load_rgb(root / key) for key in record.supports]
+            raise _wrong_root(cache, record, root / record.query_image, tuple(query.shape[:2]), cached)
+        supports = [load_rgb(root / key) for key in record.support_images]
         support_labels = [load_label(root / key) for key in record.support_labels]
-        for image, mask, (image_key, label_key) in zip(supports, support_labels, record.support_pairs, strict=True):
+        for image, mask, (image_key, label_key) in zip(supports, support_labels, record.supports, strict=True):
             check_same_size(image, mask, root / image_key, root / label_key)
     return EpisodeData(record, query, label, supports, support_labels, priors)
 
 
-def _wrong_root(cache: PriorCache, record: EpisodeRecord, path: Path, found: tuple[int, ...],
+def _wrong_root(cache: PriorCache, record: Episode, path: Path, found: tuple[int, ...],
                 cached: tuple[int, ...]) -> InvalidInputError:
     return InvalidInputError(
-        f"{path} is {found[0]}x{found[1]} but {cache.path} recorded {cached[0]}x{cached[1]} for {record.query}; "
+        f"{path} is {found[0]}x{found[1]} but {cache.path} recorded {cached[0]}x{cached[1]} for {record.query_image}; "
         "is --data-root the folder the cache was computed from?"
     )
 
 
-def _label_size_error(cache: PriorCache, record: EpisodeRecord, root: Path, label: tuple[int, ...],
+def _label_size_error(cache: PriorCache, record: Episode, root: Path, label: tuple[int, ...],
                       cached: tuple[int, ...]) -> None:
     """Raise the error for a query mask whose size is not the one the cache recorded for its image.
 
@@ -202,7 +202,7 @@ def _label_size_error(cache: PriorCache, record: EpisodeRecord, root: Path, labe
     not match its image (a cache computed before precompute refused such queries); otherwise the
     files are not the ones the cache was computed from.
     """
-    label_path, image_path = root / record.query_label, root / record.query
+    label_path, image_path = root / record.query_label, root / record.query_image
     try:
         image = image_size(image_path)
     except ClipPriorError:
@@ -236,14 +236,14 @@ def cached_vtp(cache: PriorCache, kind: fmt.MapKind, image: str, class_id: int, 
     return cache.vtp(image, class_id, refined=kind == fmt.VTP_REFINED, size=size)
 
 
-def _prior(cache: PriorCache, kind: fmt.MapKind, record: EpisodeRecord, shape: tuple[int, ...]) -> np.ndarray | None:
+def _prior(cache: PriorCache, kind: fmt.MapKind, record: Episode, shape: tuple[int, ...]) -> np.ndarray | None:
     """One prior kind of an episode at the label's size.
 
     VTP comes at the image's original size; VVP is reduced with :func:`vvp_map` and resized
     (``None`` when the episode has no VVP).
     """
     if kind.table == fmt.VTP.group:
-        return cached_vtp(cache, kind, record.query, record.class_id, "original").numpy()
+        return cached_vtp(cache, kind, record.query_image, record.class_id, "original").numpy()
     if kind == fmt.VVP_MAPS:
         return resize_map(vvp_map(cache.vvp(record.index)), shape) if cache.has_vvp(record.index) else None
     raise InvalidInputError(f"no reader for the prior kind {kind.name}; add one to clipprior.evaluate.episodes._prior")

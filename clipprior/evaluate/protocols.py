@@ -250,9 +250,9 @@ def cache_image_pairs(cache: PriorCache, dataset: str, split: str) -> list[tuple
     Labels come from the cache's episodes; an image no episode names gets the layout's label of
     its stem in ``split``.
     """
-    labels = {e.query: e.query_label for e in cache.episodes}
+    labels = dict(e.query for e in cache.episodes)
     for e in cache.episodes:
-        labels.update(zip(e.supports, e.support_labels, strict=True))
+        labels.update(e.supports)
     layout = get_dataset(dataset).layout
     keys = sorted({k for k, _ in cache.vtp_keys()})
     return [(k, labels.get(k) or layout.label_id(split, Path(k).stem)) for k in keys]

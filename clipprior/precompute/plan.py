@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clipprior.cache import EpisodeRecord
+from clipprior.data.episodes import Episode
 from clipprior.data.report import DataReport
 from clipprior.errors import InvalidInputError
 
@@ -133,9 +133,21 @@ class PrecomputeStats:
     problems: DataReport = field(default_factory=DataReport)
 
 
-def episode_records(episodes: Sequence[Any]) -> list[EpisodeRecord]:
-    """Episodes as rows of the cache's episode table, numbered in order (see :meth:`EpisodeRecord.from_episode`)."""
-    return [EpisodeRecord.from_episode(i, e) for i, e in enumerate(episodes)]
+def episode_records(episodes: Sequence[Any]) -> list[Episode]:
+    """The episodes of the cache's episode table: numbered in order (``index`` = position).
+
+    Args:
+        episodes: :class:`~clipprior.data.Episode` s, or objects with its fields (``query_image``,
+            ``query_label``, ``class_id``, ``supports`` as (image, label) pairs).
+
+    Example:
+        >>> from clipprior.data import Episode
+        >>> episode_records([Episode("q.jpg", "q.png", 3, (("s.jpg", "s.png"),))])[0].index
+        0
+    """
+    return [e.numbered(i) if isinstance(e, Episode) else
+            Episode(e.query_image, e.query_label, int(e.class_id), tuple((str(a), str(b)) for a, b in e.supports), i)
+            for i, e in enumerate(episodes)]
 
 
 def plan_work(episodes: Sequence[Any], shard: tuple[int, int] | None = None) -> WorkPlan:
