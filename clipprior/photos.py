@@ -211,7 +211,7 @@ def demo_panel(
         >>> panel, rows = demo_panel(load_clip("openai/clip-vit-base-patch16"))  # doctest: +SKIP
         >>> panel.save("demo.png")  # doctest: +SKIP
     """
-    from clipprior.cache import _format as fmt  # the model and drawing code load only when it runs
+    from clipprior.cache import PANEL_ORDER, VTP_CAM, VTP_REFINED, VVP_MAPS  # loaded only when it runs
     from clipprior.evaluate import binary_iou, vvp_map
     from clipprior.priors import compute_priors
     from clipprior.viz import compose_panel, episode_row, resize_map
@@ -227,11 +227,11 @@ def demo_panel(
             query_label=query.mask.astype(np.uint8), class_names=[query.class_name],
         )
         computed = {
-            fmt.VVP_MAPS: None if priors.vvp is None else vvp_map(priors.vvp),
-            fmt.VTP_CAM: priors.cam.float().cpu().numpy(),
-            fmt.VTP_REFINED: priors.refined.float().cpu().numpy(),
+            VVP_MAPS: None if priors.vvp is None else vvp_map(priors.vvp),
+            VTP_CAM: priors.cam.float().cpu().numpy(),
+            VTP_REFINED: priors.refined.float().cpu().numpy(),
         }
-        maps = {kind.label: computed[kind] for kind in fmt.PANEL_ORDER}  # titled and ordered as `show` draws them
+        maps = {kind.label: computed[kind] for kind in PANEL_ORDER}  # titled and ordered as `show` draws them
         rows.append(
             episode_row(
                 query.image, maps, query_mask=query.mask, supports=[support.image], support_masks=[support.mask],

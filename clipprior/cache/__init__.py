@@ -38,8 +38,25 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from clipprior.cache._format import FORMAT_NAME, FORMAT_VERSION, parts_dir, shard_path
-from clipprior.cache._read import PriorCache, Size, letterbox_prior, resize_prior
+from clipprior.cache._format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAP_KINDS,
+    PANEL_ORDER,
+    PRIORS,
+    STORE_MODES,
+    TABLES,
+    VTP_CAM,
+    VTP_REFINED,
+    VVP_MAPS,
+    MapKind,
+    Table,
+    kinds_of,
+    parts_dir,
+    shard_path,
+)
+from clipprior.cache._format import kind as map_kind
+from clipprior.cache._read import ImageRef, PriorCache, Size, letterbox_prior, resize_prior
 from clipprior.cache._report import CheckReport, check_cache, summarize_cache
 from clipprior.cache._union import as_episode, provenance_diff
 from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environment
@@ -47,12 +64,25 @@ from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environ
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAP_KINDS",
+    "PANEL_ORDER",
+    "PRIORS",
+    "STORE_MODES",
+    "TABLES",
+    "VTP_CAM",
+    "VTP_REFINED",
+    "VVP_MAPS",
     "CacheWriter",
     "CheckReport",
+    "ImageRef",
+    "MapKind",
     "PriorCache",
     "Size",
+    "Table",
     "check_cache",
+    "kinds_of",
     "letterbox_prior",
+    "map_kind",
     "merge_caches",
     "parts_dir",
     "provenance_diff",

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from clipprior.cache._format import PANEL_ORDER
+from clipprior.cache import PANEL_ORDER
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,

@@ -11,8 +11,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from clipprior.cache import PriorCache
-from clipprior.cache._format import PRIORS, VTP_CAM, VTP_REFINED
+from clipprior.cache import PRIORS, VTP_CAM, VTP_REFINED, PriorCache
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,

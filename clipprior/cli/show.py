@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from clipprior.cache import PriorCache
-from clipprior.cache._format import PANEL_ORDER
+from clipprior.cache import PANEL_ORDER, PriorCache
 from clipprior.cli._common import (
     ProgressDisplay,
     cmap_option,

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipprior.cache import PriorCache, Size
-from clipprior.cache import _format as fmt
+from clipprior.cache import PRIORS, VTP_CAM, VTP_REFINED, VVP_MAPS, MapKind, PriorCache, Size, kinds_of
 from clipprior.data import Episode, class_names, dataset_name, fold_classes, load_label, load_rgb
 from clipprior.data.images import check_same_size, image_size
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
@@ -33,8 +32,8 @@ __all__ = [
     "PRIOR_TITLES", "CacheFacts", "EpisodeData", "cache_facts", "cached_vtp", "load_episode", "resolve_data_root",
 ]
 
-#: Display names of the priors, in table order (the labels declared in :mod:`clipprior.cache._format`).
-PRIOR_TITLES: dict[str, str] = {str(k.prior): k.label for k in fmt.PRIORS}
+#: Display names of the priors, in table order (the labels declared in :data:`clipprior.cache.PRIORS`).
+PRIOR_TITLES: dict[str, str] = {str(k.prior): k.label for k in PRIORS}
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ def load_episode(cache: PriorCache, record: Episode, root: Path, *, images: bool
     cached = tuple(cache.image_size(record.query_image))
     if tuple(label.shape) != cached:
         _label_size_error(cache, record, root, tuple(label.shape), cached)
-    priors = {str(kind.prior): _prior(cache, kind, record, label.shape) for kind in fmt.PRIORS}
+    priors = {str(kind.prior): _prior(cache, kind, record, label.shape) for kind in PRIORS}
     query: np.ndarray | None = None
     supports: list[np.ndarray] = []
     support_labels: list[np.ndarray] = []
@@ -217,13 +216,13 @@ def _label_size_error(cache: PriorCache, record: Episode, root: Path, label: tup
     raise _wrong_root(cache, record, label_path, label, cached)
 
 
-def cached_vtp(cache: PriorCache, kind: fmt.MapKind, image: str, class_id: int, size: Size) -> torch.Tensor:
+def cached_vtp(cache: PriorCache, kind: MapKind, image: str, class_id: int, size: Size) -> torch.Tensor:
     """One VTP kind (``vtp/cam`` or ``vtp/refined``) of ``(image, class_id)`` from a cache, at ``size``.
 
     :meth:`PriorCache.vtp` with the kind named by its declaration.
 
     Example:
-        >>> from clipprior.cache._format import VTP_CAM
+        >>> from clipprior.cache import VTP_CAM
         >>> cached_vtp(cache, VTP_CAM, "JPEGImages/a.jpg", 15, "original").shape  # doctest: +SKIP
         torch.Size([375, 500])
 
@@ -231,19 +230,19 @@ def cached_vtp(cache: PriorCache, kind: fmt.MapKind, image: str, class_id: int, 
         CacheKeyError: if the entry is not cached.
         InvalidInputError: for a kind that is not one of the VTP table's.
     """
-    if kind not in fmt.kinds_of(fmt.VTP.group):
-        raise InvalidInputError(f"{kind.name} is not a VTP map kind ({[k.name for k in fmt.kinds_of(fmt.VTP.group)]})")
-    return cache.vtp(image, class_id, refined=kind == fmt.VTP_REFINED, size=size)
+    if kind not in kinds_of(VTP_CAM.table):
+        raise InvalidInputError(f"{kind.name} is not a VTP map kind ({[k.name for k in kinds_of(VTP_CAM.table)]})")
+    return cache.vtp(image, class_id, refined=kind == VTP_REFINED, size=size)
 
 
-def _prior(cache: PriorCache, kind: fmt.MapKind, record: Episode, shape: tuple[int, ...]) -> np.ndarray | None:
+def _prior(cache: PriorCache, kind: MapKind, record: Episode, shape: tuple[int, ...]) -> np.ndarray | None:
     """One prior kind of an episode at the label's size.
 
     VTP comes at the image's original size; VVP is reduced with :func:`vvp_map` and resized
     (``None`` when the episode has no VVP).
     """
-    if kind.table == fmt.VTP.group:
+    if kind.table == VTP_CAM.table:
         return cached_vtp(cache, kind, record.query_image, record.class_id, "original").numpy()
-    if kind == fmt.VVP_MAPS:
+    if kind == VVP_MAPS:
         return resize_map(vvp_map(cache.vvp(record.index)), shape) if cache.has_vvp(record.index) else None
     raise InvalidInputError(f"no reader for the prior kind {kind.name}; add one to clipprior.evaluate.episodes._prior")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipprior.cache._format import PRIORS
+from clipprior.cache import PRIORS
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -71,7 +71,7 @@ DEFAULT_FIXED_THRESHOLD: float = 0.5
 #: Cells of the uniform grid on [0, 1] over which average precision ranks prior values.
 DEFAULT_AP_BINS: int = 1000
 #: The priors of an episode by the names their scores go by, in the order tables list them (the
-#: prior map kinds declared in :mod:`clipprior.cache._format`: ``vtp_raw``, ``vtp_refined``, ``vvp``).
+#: prior map kinds :data:`clipprior.cache.PRIORS`): ``vtp_raw``, ``vtp_refined``, ``vvp``).
 PRIOR_KINDS: tuple[str, ...] = tuple(str(k.prior) for k in PRIORS)
 #: CLIP-ES's published CAM mIoU (%) on PASCAL VOC 2012 train, for comparison tables.
 CLIP_ES_REFERENCE: dict[str, float] = {"raw": 58.6, "refined": 70.8}

@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from clipprior.cache import PriorCache
-from clipprior.cache import _format as fmt
+from clipprior.cache import VTP_CAM, VTP_REFINED, PriorCache, kinds_of
 from clipprior.config import PriorConfig
 from clipprior.data import load_label, load_rgb, present_classes, present_names, prompt_names
 from clipprior.data.images import image_size
@@ -57,7 +56,7 @@ ProgressFn = Callable[[int], None]
 
 #: The priors the CLIP-ES protocol scores: the kinds of the VTP table (one map per image and class),
 #: by their score names (``vtp_raw``, ``vtp_refined``).
-CAM_KINDS: tuple[str, ...] = tuple(str(k.prior) for k in fmt.kinds_of(fmt.VTP.group) if k.prior)
+CAM_KINDS: tuple[str, ...] = tuple(str(k.prior) for k in kinds_of(VTP_CAM.table) if k.prior)
 
 CamSource = Callable[[str, Path, np.ndarray, list[int]], dict[str, dict[int, Any]]]
 """``source(image id, root, label, classes) -> {"vtp_raw": {class: (H, W)}, "vtp_refined": {...}}``."""
@@ -203,7 +202,7 @@ class CachedCams:
         Raises:
             CacheKeyError: if one of them is not cached.
         """
-        kinds = [k for k in fmt.kinds_of(fmt.VTP.group) if k.prior in CAM_KINDS]
+        kinds = [k for k in kinds_of(VTP_CAM.table) if k.prior in CAM_KINDS]
         return {str(k.prior): {c: cached_vtp(self.cache, k, image, c, tuple(label.shape)) for c in classes}
                 for k in kinds}
 
@@ -240,7 +239,7 @@ class ModelCams:
         refined = pir(out.cam, out.attention, config=self.config).refined
         size = tuple(label.shape)
         raw_full, refined_full = resize_maps(out.cam, size), resize_maps(refined, size)
-        maps = {fmt.VTP_CAM.prior: raw_full, fmt.VTP_REFINED.prior: refined_full}
+        maps = {VTP_CAM.prior: raw_full, VTP_REFINED.prior: refined_full}
         return {kind: {c: maps[kind][i] for i, c in enumerate(classes)} for kind in CAM_KINDS}
 
 
