@@ -129,24 +129,26 @@ class FeatureFaults:
 
     def query(self, work: QueryWork, err: DatasetError) -> None:
         """A query image (or its mask) is broken: it gets no VTP and no features."""
-        self._fail(err, work.image, "as a query image: it gets no VTP and no features")
+        self._fail(err, work.image, "as a query image", "it gets no VTP and no features")
 
     def support(self, key: SupportKey, err: DatasetError) -> None:
         """A support (or its mask) is broken for its class: no support features for the pair."""
-        self._fail(err, key[0], f"as a support of class {key[2]}: it gets no support features")
+        self._fail(err, key[0], f"as a support of class {key[2]}", "it gets no support features")
 
     def image(self, path: str, err: DatasetError) -> None:
         """An image whose size cannot be read (planning): it is left out wherever the lists use it."""
-        self._fail(err, path, "as a query or support image: it is left out")
+        self._fail(err, path, "as a query or support image", "it is left out")
 
-    def _fail(self, err: DatasetError, item: str, role: str) -> None:
+    def _fail(self, err: DatasetError, item: str, role: str, consequence: str) -> None:
+        """Raise ``err`` naming the file and its ``role``, or (skip) report it with the ``consequence``."""
         path = getattr(err, "path", None) or (_file(self.dataset, item) if self.dataset is not None else item)
         if self.on_error == "raise":
-            raised = type(err)(f"{err} (needed {role.split(':')[0]}); fix or remove the file, or pass "
+            raised = type(err)(f"{err} (needed {role}); fix or remove the file, or pass "
                                "on_error='skip' (--on-error skip) to leave it out and compute the rest")
             raised.path = path  # type: ignore[attr-defined]
             raise raised from err
-        self.report.add(Problem(path, f"{err} -- needed {role}", missing=isinstance(err, DataNotFoundError)))
+        self.report.add(Problem(path, f"{err} -- needed {role}: {consequence}",
+                                missing=isinstance(err, DataNotFoundError)))
 
 
 def store_features(
