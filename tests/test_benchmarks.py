@@ -121,6 +121,19 @@ def test_foreground_only_support_features_equal_the_full_pass_on_the_mask(bundle
     torch.testing.assert_close(fast[:, 1], full[:, 1], atol=0, rtol=0)  # shallower layer: complete
 
 
+def test_compile_benchmark_times_the_engine_trunk(bundle):
+    """bench_compile's trunk is the engine's no-grad computation: the hidden states before the last layer."""
+    from bench_compile import trunk_fn
+
+    from clipprior.priors import layer_features
+
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = trunk_fn(bundle, "bilinear")(pixels)
+    expected = layer_features(bundle, pixels, [-2])[:, 0]  # (B, h*w, D) after the second-to-last layer
+    torch.testing.assert_close(hidden[:, 1:], expected, atol=0, rtol=0)
+
+
 def test_layer_features_rejects_cells_of_the_wrong_shape(bundle):
     from clipprior.errors import InvalidInputError
     from clipprior.priors import layer_features
