@@ -46,16 +46,27 @@ def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def caches(voc: Path, tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Planned-episode training caches, 1- and 5-shot."""
     out = tmp_path_factory.mktemp("caches")
-    paths = {}
-    for shot, n in ((1, 24), (5, 10)):
-        path = out / f"train-{shot}shot.h5"
-        result = CliRunner().invoke(app, [
-            "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
-            "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--episodes", str(n),
-            "--seed", "1", "--out", str(path)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        paths[shot] = path
-    return paths
+    return {shot: _train_cache(voc, tiny_clip_dir, out / f"train-{shot}shot.h5", shot, "--episodes", str(n))
+            for shot, n in ((1, 24), (5, 10))}
+
+
+def _train_cache(voc: Path, model: Path, path: Path, shot: int, *store: str) -> Path:
+    """``clipprior precompute`` of a fold-0 training cache with ``shot`` and the ``store`` options."""
+    result = CliRunner().invoke(app, [
+        "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
+        "--model", str(model), "--device", "cpu", "--shot", str(shot), "--seed", "1", *store, "--out", str(path)],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _two_epochs(example: ModuleType, cache: Path, voc: Path, shot: int, start_method: str) -> dict:
+    """Two epochs of the example loop (batches of 4, two workers); each epoch must draw every batch."""
+    history = example.train(cache, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method=start_method,
+                            image_size=48, feature_size=6, seed=3)
+    assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
+    assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
+    return history
 
 
 @pytest.mark.parametrize(("shot", "start_method", "epochs"), [
@@ -114,17 +125,10 @@ def test_documented_excerpts_are_the_example_code() -> None:
 def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path, tiny_clip_dir: Path,
                                                   tmp_path: Path, shot: int, start_method: str) -> None:
     """A features cache serves any episode: the loop draws freely (the trainer's own protocol), no miss."""
-    path = tmp_path / f"features-{shot}.h5"
-    result = CliRunner().invoke(app, [
-        "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
-        "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--episodes", "4", "--seed", "1",
-        "--store", "features", "--out", str(path)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method=start_method,
-                            image_size=48, feature_size=6, seed=3)
+    path = _train_cache(voc, tiny_clip_dir, tmp_path / f"features-{shot}.h5", shot, "--episodes", "4",
+                        "--store", "features")
+    history = _two_epochs(example, path, voc, shot, start_method)
     assert history["mode"] == "free"
-    assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
-    assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
     planned = {f"{e.query_image}|{e.class_id}|{'|'.join(e.support_images)}" for e in PriorCache(path).episodes}
     drawn = set().union(*history["episodes"])
     assert len(drawn - planned) >= len(drawn) - 4  # the cache planned 4 episodes; every other draw was served too
@@ -133,17 +137,9 @@ def test_loop_on_a_features_cache_is_never_missed(example: ModuleType, voc: Path
 @pytest.mark.parametrize(("shot", "start_method"), [(1, "fork"), (5, "fork"), (1, "spawn")])
 def test_loop_on_a_pool_cache_serves_every_drawn_episode(example: ModuleType, voc: Path, tiny_clip_dir: Path,
                                                          tmp_path: Path, shot: int, start_method: str) -> None:
-    path = tmp_path / f"pool-{shot}.h5"
-    result = CliRunner().invoke(app, [
-        "precompute", "--dataset", "pascal5i", "--fold", "0", "--split", "train", "--data-root", str(voc),
-        "--model", str(tiny_clip_dir), "--device", "cpu", "--shot", str(shot), "--supports-per-query", str(shot + 1),
-        "--seed", "1", "--out", str(path)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    history = example.train(path, voc, shot=shot, epochs=2, batch_size=4, workers=2, start_method=start_method,
-                            image_size=48, feature_size=6, seed=3)
+    path = _train_cache(voc, tiny_clip_dir, tmp_path / f"pool-{shot}.h5", shot, "--supports-per-query", str(shot + 1))
+    history = _two_epochs(example, path, voc, shot, start_method)
     assert history["mode"] == "pool"
-    assert [len(seen) for seen in history["episodes"]] == [history["queries"] // 4 * 4] * 2
-    assert history["episodes"][0] != history["episodes"][1] and np.isfinite(history["losses"]).all()
     cache = PriorCache(path)
     for key in set().union(*history["episodes"]):  # every drawn episode: K distinct supports of its planned pool
         query, class_id, *supports = key.split("|")
