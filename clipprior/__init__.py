@@ -78,6 +78,10 @@ if TYPE_CHECKING:
         list_photos,
         load_photo,
     )
+    from clipprior.precompute import (
+        fold_episodes,
+        precompute_fold,
+    )
     from clipprior.preprocess import (
         preprocess_query,
         preprocess_support,
@@ -144,6 +148,7 @@ _LAZY: dict[str, str] = {
     "dataset_names": "clipprior.data",
     "demo_panel": "clipprior.photos",
     "fold_classes": "clipprior.data",
+    "fold_episodes": "clipprior.precompute",
     "get_dataset": "clipprior.data",
     "letterbox_prior": "clipprior.cache",
     "list_photos": "clipprior.photos",
@@ -155,6 +160,7 @@ _LAZY: dict[str, str] = {
     "preprocess_query": "clipprior.preprocess",
     "preprocess_support": "clipprior.preprocess",
     "pool_episodes": "clipprior.data",
+    "precompute_fold": "clipprior.precompute",
     "prior_channels": "clipprior.training",
     "prompt_names": "clipprior.data",
     "read_episodes": "clipprior.data",
@@ -218,6 +224,7 @@ __all__ = [
     "evaluate_clip_es",
     "evaluate_fold",
     "fold_classes",
+    "fold_episodes",
     "get_dataset",
     "get_preset",
     "letterbox_prior",
@@ -229,6 +236,7 @@ __all__ = [
     "open_dataset",
     "pir",
     "pool_episodes",
+    "precompute_fold",
     "preprocess_query",
     "preprocess_support",
     "prior_channels",

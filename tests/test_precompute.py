@@ -301,3 +301,33 @@ def test_cli_records_the_data_root_that_evaluate_and_show_fall_back_to(tmp_path,
     result = CliRunner().invoke(app, ["show", str(out), "--episodes", "0", "--out", str(panels)])
     assert result.exit_code == 0, result.output
     assert list(panels.glob("*.png"))
+
+
+def test_library_fold_cache_records_the_data_root(tmp_path, data_root, clip):
+    # a cache written through the library (not the command) records the root evaluate and show fall back to
+    from clipprior.precompute import fold_episodes, precompute_fold
+
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    chosen = fold_episodes(dataset, n_episodes=6, shot=1, seed=2)
+    planned: dict[str, int] = {}
+    result = precompute_fold(clip, dataset, chosen, tmp_path / "lib.h5", batch_size=2,
+                             on_plan=lambda kind, total: planned.update({kind: total}))
+    assert result.stats.vvp_written == 6 and planned["episode"] == 6
+    with PriorCache(result.path) as cache:
+        assert cache.provenance["data_root"] == str(Path(data_root).resolve())
+        assert cache.provenance["coco_split"] == "interleaved"
+        assert "store" not in cache.provenance
+        assert len(cache.episodes) == 6
+
+
+def test_fold_episodes_refuses_a_pool_mixed_with_other_episode_sources(data_root, tmp_path):
+    from clipprior.errors import InvalidInputError
+    from clipprior.precompute import fold_episodes
+
+    dataset = open_dataset("pascal5i", data_root, 0, "val")
+    with pytest.raises(InvalidInputError, match="n_episodes"):
+        fold_episodes(dataset, n_episodes=4, supports_per_query=2)
+    with pytest.raises(InvalidInputError, match="supports_per_query=3"):
+        fold_episodes(dataset, shot=3, supports_per_query=2)
+    pool = fold_episodes(dataset, supports_per_query=2, seed=1)
+    assert pool.pool and pool.shot == 1 and pool.supports_per_query == 2

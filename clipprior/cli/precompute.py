@@ -152,16 +152,9 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     """
     from clipprior import get_preset, load_clip
     from clipprior._device import local_rank_device
-    from clipprior.cache import CacheWriter, shard_from_environment
-    from clipprior.data import (
-        default_episodes,
-        open_dataset,
-        pool_episodes,
-        prompt_names,
-        read_episodes,
-        sample_episodes,
-    )
-    from clipprior.precompute import build_provenance, episode_records, run_precompute, store_features
+    from clipprior.cache import shard_from_environment
+    from clipprior.data import open_dataset
+    from clipprior.precompute import fold_episodes, precompute_fold
 
     batch = parse_batch_size(batch_size)
     config = get_preset(preset)
@@ -188,55 +181,22 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
                                    f"use --supports-per-query {shot} or more")
     data = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                         on_error=on_error, base_list=base_list)
-    if episode_file is not None:
-        episodes, meta = read_episodes(episode_file)
-        meta.check_dataset(data)
-        shot = episodes[0].shot if episodes else shot
-        seed = int(meta.seed)
-    elif supports_per_query is not None:
-        episodes = pool_episodes(data, supports_per_query, seed=seed)
-        store, shot = "pool", 1  # one-shot entries: any K <= M of a pool make an episode
-    else:
-        count = n_episodes or default_episodes(dataset)
-        episodes = sample_episodes(data, count, shot=shot, seed=seed)
+    chosen = fold_episodes(data, shot=shot, seed=seed, n_episodes=n_episodes,
+                           episode_file=episode_file, supports_per_query=supports_per_query)
     if data.report:
         console.print(f"[yellow]{data.report.summary()}[/]", highlight=False)
     clip = load_clip(model, device=local_rank_device(device), dtype=dtype)
-    names = prompt_names(dataset)
-    provenance = build_provenance(
-        clip, config, dataset=dataset, fold=fold, split=split, shot=shot, seed=seed, n_episodes=len(episodes),
-        list_checksum=data.list_checksum, class_names=names, batch_size=batch_size, chunk_images=chunk_images,
-        chunk_episodes=chunk_episodes, support_window=support_window,
-        extra={"coco_split": coco_split, "data_root": str(Path(data_root).expanduser().resolve()),
-               **({"store": store} if store != "maps" else {}),
-               **({"supports_per_query": supports_per_query} if supports_per_query is not None else {})},
-    )
-    with CacheWriter(out, provenance, shard=shard_spec) as writer:
-        if on_error == "raise":  # under skip the engine registers what it computes: dropped episodes stay out
-            writer.set_episodes(episode_records(episodes))
-        from clipprior.precompute import plan_work
-
-        plan = plan_work(episodes, shard_spec)
-        labels = {"query": "queries", "support": "supports", "episode": "episodes"}
-        feature_labels = {"query": "query features", "support": "support features"}
-        say = lambda line: console.print(f"[yellow]{line}[/]")  # noqa: E731
-        rows = list(labels.values()) + (list(feature_labels.values()) if store == "features" else [])
-        with ProgressDisplay(rows, console=console) as show:
-            show.update("queries", 0, len(plan.queries))
-            show.update("supports", 0, len(plan.support_uses))
-            show.update("episodes", 0, sum(len(q.episodes) for q in plan.queries))
-            fstats = None
-            if store == "features":  # first: the VTP of every query of the lists comes from the same batches
-                fstats = store_features(clip, data, writer, class_names=names, config=config, batch_size=batch,
-                                        workers=workers, shard=shard_spec, chunk_images=chunk_images,
-                                        on_error=on_error, log=say,
-                                        on_plan=lambda kind, total: show.update(feature_labels[kind], 0, total),
-                                        progress=lambda kind, n: show.advance(feature_labels[kind], n))
-            stats = run_precompute(clip, data, episodes, writer, class_names=names, config=config,
-                                   batch_size=batch, workers=workers, shard=shard_spec, chunk_images=chunk_images,
-                                   chunk_episodes=chunk_episodes, on_error=on_error, support_window=support_window,
-                                   progress=lambda kind, n: show.advance(labels[kind], n), log=say)
-        path = writer.finalize()
+    labels = {"query": "queries", "support": "supports", "episode": "episodes"}
+    if store == "features":
+        labels |= {"query_features": "query features", "support_features": "support features"}
+    say = lambda line: console.print(f"[yellow]{line}[/]")  # noqa: E731
+    with ProgressDisplay(list(labels.values()), console=console) as show:
+        result = precompute_fold(
+            clip, data, chosen, out, config=config, store=store, batch_size=batch, workers=workers, shard=shard_spec,
+            chunk_images=chunk_images, chunk_episodes=chunk_episodes, support_window=support_window,
+            on_error=on_error, on_plan=lambda kind, total: show.update(labels[kind], 0, total),
+            progress=lambda kind, n: show.advance(labels[kind], n), log=say)
+    path, stats, fstats = result.path, result.stats, result.feature_stats
     if stats.problems:
         console.print(f"[yellow]dropped {len(stats.dropped)} episode(s) that need a broken file[/] "
                       f"(--on-error skip):\n{stats.problems.summary()}", highlight=False, soft_wrap=True)

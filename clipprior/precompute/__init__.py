@@ -26,7 +26,10 @@ The data flow reads top to bottom, one module per stage:
 5. :mod:`~clipprior.precompute.write`: into the cache writer;
 
 and :mod:`~clipprior.precompute.engine` runs them (:func:`run_precompute`, the one entry point);
-:mod:`~clipprior.precompute.provenance` records what makes two runs the same computation.
+:mod:`~clipprior.precompute.provenance` records what makes two runs the same computation;
+:mod:`~clipprior.precompute.fold` does a fold's whole cache (:func:`fold_episodes`, then
+:func:`precompute_fold`: provenance with the data root, writer, feature stage, engine), as
+``clipprior precompute`` does.
 
 Example:
     >>> stats = run_precompute(clip, dataset, episodes, writer, class_names=names)  # doctest: +SKIP
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 from clipprior.precompute.engine import recompute_episode, run_precompute
 from clipprior.precompute.features import feature_plan, store_features
+from clipprior.precompute.fold import STORE_CHOICES, FoldEpisodes, FoldPrecompute, fold_episodes, precompute_fold
 from clipprior.precompute.plan import (
     PrecomputeStats,
     QueryWork,
@@ -49,6 +53,9 @@ from clipprior.precompute.plan import (
 from clipprior.precompute.provenance import build_provenance, computation_settings, geometry_description
 
 __all__ = [
+    "STORE_CHOICES",
+    "FoldEpisodes",
+    "FoldPrecompute",
     "PrecomputeStats",
     "QueryWork",
     "WorkPlan",
@@ -56,9 +63,11 @@ __all__ = [
     "computation_settings",
     "episode_records",
     "feature_plan",
+    "fold_episodes",
     "geometry_description",
     "plan_chunks",
     "plan_work",
+    "precompute_fold",
     "recompute_episode",
     "run_precompute",
     "store_features",
