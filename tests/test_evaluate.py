@@ -312,3 +312,14 @@ def test_clip_es_meter_exact_miou_over_images() -> None:
     assert r2.images == 1
     d = r2.to_dict()
     assert d["per_class"]["12"] == pytest.approx(0.8)
+
+
+def test_meters_take_their_class_count_from_the_dataset_registry() -> None:
+    from clipprior.evaluate import label_classes
+
+    assert label_classes() == 21 and label_classes("coco20i") == 81
+    assert ConfusionMeter().num_classes == 21  # the default benchmark, PASCAL VOC with background
+    assert ConfusionMeter(dataset="coco20i").num_classes == 81 and ConfusionMeter(5).num_classes == 5
+    meter = ClipEsMeter(dataset="coco20i", bg_powers=(1,))
+    meter.update({80: np.ones((1, 2))}, np.array([[80, 0]]))
+    assert meter.result()[1.0].class_iou.shape == (81,)

@@ -120,3 +120,57 @@ def test_evaluate_fold_refuses_an_empty_selection(fold0: tuple[Path, Path], tmp_
         writer.finalize()
     with PriorCache(empty) as cache, pytest.raises(InvalidInputError, match="has no episodes"):
         evaluate_fold(cache, root)
+
+
+def test_clip_es_images_choose_dataset_root_and_pairs(fold0: tuple[Path, Path], tmp_path: Path) -> None:
+    from clipprior.errors import DatasetError
+    from clipprior.evaluate import clip_es_images
+
+    path, root = fold0
+    with PriorCache(path) as cache:
+        chosen = clip_es_images(cache, data_root=root, split="val", limit=3)
+        assert chosen.dataset == "pascal5i" and chosen.root == root  # the cache's benchmark
+        assert chosen.pairs == cache_image_pairs(cache, "pascal5i", "val")[:3]
+        assert chosen.n_classes == 21 and chosen.class_names[:2] == ["background", "aeroplane"]
+        assert clip_es_images(cache, data_root=root, dataset="coco").n_classes == 81  # --dataset wins
+    listed = tmp_path / "list.txt"
+    listed.write_text("2007_001_1\n", encoding="utf-8")
+    chosen = clip_es_images(None, data_root=root, list_file=listed, split="val")
+    assert chosen.pairs == [("JPEGImages/2007_001_1.jpg", "SegmentationClassAug/2007_001_1.png")]
+    with pytest.raises(DataNotFoundError, match="pass --data-root"):
+        clip_es_images(None, list_file=listed)
+    with pytest.raises(InvalidInputError, match="list file"):
+        clip_es_images(None, data_root=root)
+    listed.write_text("\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="no image to score"):
+        clip_es_images(None, data_root=root, list_file=listed)
+
+
+def test_clip_es_cams_prefer_the_model_then_the_cache(tiny_clip_dir: Path, fold0: tuple[Path, Path]) -> None:
+    from clipprior.evaluate import clip_es_cams
+
+    path, _ = fold0
+    clip = load_clip(str(tiny_clip_dir), device="cpu")
+    with PriorCache(path) as cache:
+        cams, source = clip_es_cams("pascal5i", cache=cache)
+        assert isinstance(cams, CachedCams) and source == str(cache.path)
+        cams, source = clip_es_cams("pascal5i", cache=cache, clip=clip, config=get_preset("official"))
+        assert isinstance(cams, ModelCams) and source == clip.source and cams.config == get_preset("official")
+    with pytest.raises(InvalidInputError, match="needs CAMs"):
+        clip_es_cams("pascal5i")
+
+
+def test_clip_es_result_records_the_reference_under_clip_es_names(fold0: tuple[Path, Path]) -> None:
+    from clipprior.cache import VTP_CAM, VTP_REFINED
+    from clipprior.evaluate import CLIP_ES_REFERENCE, ClipEsResult, clip_es_images
+
+    assert {VTP_CAM.prior: 58.6, VTP_REFINED.prior: 70.8} == CLIP_ES_REFERENCE
+    path, root = fold0
+    with PriorCache(path) as cache:
+        chosen = clip_es_images(cache, data_root=root, split="val")
+        scores, skipped = evaluate_clip_es(chosen.pairs, root, CachedCams(cache), n_classes=chosen.n_classes,
+                                           skip_missing=True)
+    payload = ClipEsResult(chosen, str(path), scores, skipped).to_dict()
+    assert payload["reference"] == {"clip_es_voc_train": {"raw": 58.6, "refined": 70.8}}
+    assert payload["dataset"] == "pascal5i" and payload["skipped"] == skipped
+    assert list(payload["priors"]["vtp_raw"]["1"]["per_class"])[:2] == ["background", "aeroplane"]

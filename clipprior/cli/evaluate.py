@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from clipprior.cache import PRIORS, VTP_CAM, VTP_REFINED, PriorCache
+from clipprior.cache import PRIORS, PriorCache
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,
@@ -27,23 +27,19 @@ from clipprior.cli._common import (
     threshold_option,
     writing,
 )
-from clipprior.data import class_names, dataset_name, num_classes
-from clipprior.data.specs import DEFAULT_DATASET
-from clipprior.errors import DataNotFoundError, DatasetError
 from clipprior.evaluate import (
     CLIP_ES_REFERENCE,
     PRIOR_KINDS,
     PRIOR_TITLES,
-    CachedCams,
+    ClipEsResult,
     ClipEsScores,
     FoldResult,
-    ModelCams,
     cache_facts,
-    cache_image_pairs,
+    clip_es_cams,
+    clip_es_images,
     evaluate_clip_es,
     evaluate_fold,
     mean_over_folds,
-    read_image_list,
     resolve_data_root,
 )
 
@@ -121,9 +117,8 @@ def _clip_es_table(results: dict[str, dict[float, ClipEsScores]], images: int, s
     for t in powers:
         table.add_column(f"bg (1-max)^{t:g}", justify="right")
     table.add_column("CLIP-ES, VOC train", justify="right", style="dim")
-    reference = {VTP_CAM.prior: CLIP_ES_REFERENCE["raw"], VTP_REFINED.prior: CLIP_ES_REFERENCE["refined"]}
     for kind, by_power in results.items():
-        table.add_row(PRIOR_TITLES[kind], *[_pct(by_power[t].miou) for t in powers], f"{reference[kind]:.1f}")
+        table.add_row(PRIOR_TITLES[kind], *[_pct(by_power[t].miou) for t in powers], f"{CLIP_ES_REFERENCE[kind]:.1f}")
     return table
 
 
@@ -241,44 +236,27 @@ def _run_clip_es(caches: tuple[Path, ...], data_root: Path | None, list_file: Pa
         raise click.UsageError("the clip-es protocol takes at most one CACHE")
     if not caches and model is None:
         raise click.UsageError("the clip-es protocol needs a CACHE or --model to compute the CAMs with")
+    if not caches and list_file is None and data_root is not None:  # without --data-root, that error comes first
+        raise click.UsageError("pass --list with the images to score (e.g. VOC's ImageSets/Segmentation/train.txt)")
     cache = PriorCache(caches[0]) if caches else None
     if cache is not None:
         click.get_current_context().call_on_close(cache.close)
-    facts = cache_facts(cache) if cache is not None else None
-    name = dataset_name(dataset or (facts.dataset if facts and facts.dataset else DEFAULT_DATASET))
-    if data_root is None and (facts is None or not facts.data_root):
-        raise DataNotFoundError("pass --data-root: the dataset folder with the ground-truth masks")
-    root = resolve_data_root(data_root, facts) if facts else Path(data_root).expanduser()  # type: ignore[arg-type]
-    if list_file is not None:
-        pairs = read_image_list(list_file, name, split)
-    elif cache is not None:
-        pairs = cache_image_pairs(cache, name, split)
-    else:
-        raise click.UsageError("pass --list with the images to score (e.g. VOC's ImageSets/Segmentation/train.txt)")
-    if limit:
-        pairs = pairs[:limit]
-    if not pairs:
-        raise DatasetError("no image to score: the list or cache is empty")
-    if cache is not None and model is None:
-        source: Any = CachedCams(cache)
-        source_name = str(cache.path)
-    else:
+    images = clip_es_images(cache, data_root=data_root, list_file=list_file, dataset=dataset, split=split,
+                            limit=limit)
+    bundle, config = None, None
+    if model is not None:
         from clipprior.config import get_preset
         from clipprior.model import load_clip
 
         with console.status(f"Loading CLIP from {model} ..."):
             bundle = load_clip(str(model), device=device, dtype=dtype)
-        source, source_name = ModelCams(bundle, name, get_preset(preset)), bundle.source
-    n_classes = num_classes(name) + 1
+        config = get_preset(preset)
+    cams, source = clip_es_cams(images.dataset, cache=cache, clip=bundle, config=config)
+    pairs = images.pairs
     with ProgressDisplay(["clip-es images"], console=console, transient=True) as show:
-        results, skipped = evaluate_clip_es(pairs, root, source, n_classes=n_classes, bg_powers=bg_powers,
-                                            skip_missing=skip_missing, on_image=lambda n: show(n, len(pairs)))
-    console.print(_clip_es_table(results, len(pairs), skipped))
-    console.print(f"[dim]CAMs from {source_name}. CLIP-ES reports 58.6 (its softmax Grad-CAM) and 70.8 (after its "
+        scores, skipped = evaluate_clip_es(pairs, images.root, cams, n_classes=images.n_classes, bg_powers=bg_powers,
+                                           skip_missing=skip_missing, on_image=lambda n: show(n, len(pairs)))
+    console.print(_clip_es_table(scores, len(pairs), skipped))
+    console.print(f"[dim]CAMs from {source}. CLIP-ES reports 58.6 (its softmax Grad-CAM) and 70.8 (after its "
                   "attention refinement) with ViT-B/16 on the 1464 VOC 2012 train images.[/]")
-    names = ["background", *class_names(name)]
-    return {
-        "protocol": "clip-es", "source": source_name, "dataset": name, "images": len(pairs), "skipped": skipped,
-        "reference": {"clip_es_voc_train": CLIP_ES_REFERENCE},
-        "priors": {k: {f"{t:g}": s.to_dict(names) for t, s in by_t.items()} for k, by_t in results.items()},
-    }
+    return ClipEsResult(images, source, scores, skipped).to_dict()

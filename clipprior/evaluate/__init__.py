@@ -5,7 +5,9 @@
 - :mod:`~clipprior.evaluate.episodes`: a cache's facts and its episodes with their ground truth,
   at the label's size.
 - :mod:`~clipprior.evaluate.protocols`: the protocols run over data: :func:`evaluate_fold` over a
-  cache's episodes, :func:`evaluate_clip_es` over a list of images with CAMs from a cache or CLIP.
+  cache's episodes, :func:`evaluate_clip_es` over a list of images with CAMs from a cache or CLIP
+  (:func:`clip_es_images` chooses the benchmark, root and images, :func:`clip_es_cams` the CAMs,
+  :class:`ClipEsResult` records the run).
 
 Example:
     >>> import numpy as np
@@ -29,6 +31,7 @@ from clipprior.evaluate.episodes import (
 )
 from clipprior.evaluate.metrics import (
     CLIP_ES_REFERENCE,
+    CLIP_ES_REFERENCE_NAMES,
     DEFAULT_AP_BINS,
     DEFAULT_FIXED_THRESHOLD,
     DEFAULT_THRESHOLDS,
@@ -41,15 +44,20 @@ from clipprior.evaluate.metrics import (
     average_precision,
     binary_iou,
     clip_es_labels,
+    label_classes,
     mean_over_folds,
     vvp_map,
 )
 from clipprior.evaluate.protocols import (
     CachedCams,
     CamSource,
+    ClipEsImages,
+    ClipEsResult,
     FoldResult,
     ModelCams,
     cache_image_pairs,
+    clip_es_cams,
+    clip_es_images,
     evaluate_clip_es,
     evaluate_fold,
     read_image_list,
@@ -57,6 +65,7 @@ from clipprior.evaluate.protocols import (
 
 __all__ = [
     "CLIP_ES_REFERENCE",
+    "CLIP_ES_REFERENCE_NAMES",
     "DEFAULT_AP_BINS",
     "DEFAULT_FIXED_THRESHOLD",
     "DEFAULT_THRESHOLDS",
@@ -65,7 +74,9 @@ __all__ = [
     "CacheFacts",
     "CachedCams",
     "CamSource",
+    "ClipEsImages",
     "ClipEsMeter",
+    "ClipEsResult",
     "ClipEsScores",
     "ConfusionMeter",
     "EpisodeData",
@@ -78,9 +89,12 @@ __all__ = [
     "cache_facts",
     "cache_image_pairs",
     "cached_vtp",
+    "clip_es_cams",
+    "clip_es_images",
     "clip_es_labels",
     "evaluate_clip_es",
     "evaluate_fold",
+    "label_classes",
     "load_episode",
     "mean_over_folds",
     "read_image_list",

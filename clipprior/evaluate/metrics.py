@@ -43,11 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipprior.cache import PRIORS
+from clipprior.cache import PRIORS, VTP_CAM, VTP_REFINED
+from clipprior.data.specs import DEFAULT_DATASET, get_dataset
 from clipprior.errors import InvalidInputError
 
 __all__ = [
     "CLIP_ES_REFERENCE",
+    "CLIP_ES_REFERENCE_NAMES",
     "DEFAULT_AP_BINS",
     "DEFAULT_FIXED_THRESHOLD",
     "DEFAULT_THRESHOLDS",
@@ -60,6 +62,7 @@ __all__ = [
     "average_precision",
     "binary_iou",
     "clip_es_labels",
+    "label_classes",
     "mean_over_folds",
     "vvp_map",
 ]
@@ -73,8 +76,32 @@ DEFAULT_AP_BINS: int = 1000
 #: The priors of an episode by the names their scores go by, in the order tables list them (the
 #: prior map kinds :data:`clipprior.cache.PRIORS`): ``vtp_raw``, ``vtp_refined``, ``vvp``).
 PRIOR_KINDS: tuple[str, ...] = tuple(str(k.prior) for k in PRIORS)
-#: CLIP-ES's published CAM mIoU (%) on PASCAL VOC 2012 train, for comparison tables.
-CLIP_ES_REFERENCE: dict[str, float] = {"raw": 58.6, "refined": 70.8}
+#: CLIP-ES's published CAM mIoU (%) on PASCAL VOC 2012 train, for comparison tables, by the prior
+#: each is compared with (:data:`clipprior.cache.VTP_CAM` ``.prior``, ``"vtp_raw"``: its softmax
+#: Grad-CAM; :data:`clipprior.cache.VTP_REFINED` ``.prior``, ``"vtp_refined"``: after its attention
+#: refinement).
+CLIP_ES_REFERENCE: dict[str, float] = {str(VTP_CAM.prior): 58.6, str(VTP_REFINED.prior): 70.8}
+#: CLIP-ES's own names of those two numbers, by prior: the keys ``evaluate --json`` records them under.
+CLIP_ES_REFERENCE_NAMES: dict[str, str] = {str(VTP_CAM.prior): "raw", str(VTP_REFINED.prior): "refined"}
+
+
+def label_classes(dataset: str | None = None) -> int:
+    """Classes of a benchmark's semantic label maps, background included (from the dataset registry).
+
+    Args:
+        dataset: A registered benchmark [default: :data:`clipprior.data.specs.DEFAULT_DATASET`].
+
+    Returns:
+        Its foreground classes plus one.
+
+    Raises:
+        InvalidInputError: for an unknown dataset.
+
+    Example:
+        >>> label_classes(), label_classes("coco20i")
+        (21, 81)
+    """
+    return get_dataset(dataset or DEFAULT_DATASET).num_classes + 1
 
 
 def _to_numpy(x: np.ndarray | torch.Tensor | Any, name: str) -> np.ndarray:
@@ -617,7 +644,10 @@ class ConfusionMeter:
     """A confusion matrix of semantic label maps, accumulated over images.
 
     Args:
-        num_classes: Number of classes (labels 0..num_classes-1; 21 for VOC with background).
+        num_classes: Number of classes (labels 0..num_classes-1) [default: :func:`label_classes`
+            of ``dataset``: 21 for PASCAL VOC with background].
+        dataset: The registered benchmark whose classes these are, when ``num_classes`` is not
+            given [default: :data:`clipprior.data.specs.DEFAULT_DATASET`].
         ignore_index: Ground-truth value to leave out.
 
     Example:
@@ -628,7 +658,10 @@ class ConfusionMeter:
         [1.0, 0.5, 0.0]
     """
 
-    def __init__(self, num_classes: int = 21, *, ignore_index: int | None = 255) -> None:
+    def __init__(self, num_classes: int | None = None, *, dataset: str | None = None,
+                 ignore_index: int | None = 255) -> None:
+        if num_classes is None:
+            num_classes = label_classes(dataset)
         if int(num_classes) < 1:
             raise InvalidInputError(f"num_classes={num_classes} must be >= 1")
         self.num_classes = int(num_classes)
@@ -706,7 +739,10 @@ class ClipEsMeter:
     """The CLIP-ES CAM protocol: per-image argmax over GT-class CAMs and a power background.
 
     Args:
-        num_classes: Number of classes including the background (21 for VOC).
+        num_classes: Number of classes including the background [default: :func:`label_classes`
+            of ``dataset``: 21 for PASCAL VOC].
+        dataset: The registered benchmark whose classes these are, when ``num_classes`` is not
+            given [default: :data:`clipprior.data.specs.DEFAULT_DATASET`].
         bg_powers: Background exponents ``t`` to evaluate side by side.
         ignore_index: Ground-truth value to leave out.
 
@@ -720,8 +756,11 @@ class ClipEsMeter:
     """
 
     def __init__(
-        self, num_classes: int = 21, *, bg_powers: Iterable[float] = (1.0, 2.0), ignore_index: int | None = 255
+        self, num_classes: int | None = None, *, dataset: str | None = None, bg_powers: Iterable[float] = (1.0, 2.0),
+        ignore_index: int | None = 255,
     ) -> None:
+        if num_classes is None:
+            num_classes = label_classes(dataset)
         self.bg_powers = tuple(float(t) for t in bg_powers)
         if not self.bg_powers:
             raise InvalidInputError("bg_powers is empty; pass e.g. (1, 2)")

@@ -24,28 +24,36 @@ import numpy as np
 
 from clipprior.cache import VTP_CAM, VTP_REFINED, PriorCache, kinds_of
 from clipprior.config import PriorConfig
-from clipprior.data import load_label, load_rgb, present_classes, present_names, prompt_names
+from clipprior.data import class_names, load_label, load_rgb, present_classes, present_names, prompt_names
+from clipprior.data.classes import dataset_name
 from clipprior.data.images import image_size
 from clipprior.data.layout import to_id
-from clipprior.data.specs import get_dataset
+from clipprior.data.specs import DEFAULT_DATASET, get_dataset
 from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError
-from clipprior.evaluate.episodes import CacheFacts, cache_facts, cached_vtp, load_episode
+from clipprior.evaluate.episodes import CacheFacts, cache_facts, cached_vtp, load_episode, resolve_data_root
 from clipprior.evaluate.metrics import (
+    CLIP_ES_REFERENCE,
+    CLIP_ES_REFERENCE_NAMES,
     DEFAULT_THRESHOLDS,
     PRIOR_KINDS,
     ClipEsMeter,
     ClipEsScores,
     PriorMeter,
     PriorScores,
+    label_classes,
 )
 
 __all__ = [
     "CAM_KINDS",
     "CachedCams",
     "CamSource",
+    "ClipEsImages",
+    "ClipEsResult",
     "FoldResult",
     "ModelCams",
     "cache_image_pairs",
+    "clip_es_cams",
+    "clip_es_images",
     "evaluate_clip_es",
     "evaluate_fold",
     "read_image_list",
@@ -312,3 +320,143 @@ def evaluate_clip_es(
         if on_image is not None:
             on_image(done)
     return {kind: m.result() for kind, m in meters.items()}, skipped
+
+
+@dataclass(frozen=True)
+class ClipEsImages:
+    """What the CLIP-ES protocol scores: a benchmark's images with their masks, under a data root.
+
+    Attributes:
+        dataset: Canonical benchmark name (its classes are the protocol's).
+        root: The data root the ids are relative to.
+        pairs: (image id, label id) pairs, in scoring order.
+    """
+
+    dataset: str
+    root: Path
+    pairs: list[tuple[str, str]]
+
+    @property
+    def n_classes(self) -> int:
+        """Classes of the label maps, background included (21 for PASCAL VOC), from the dataset registry."""
+        return label_classes(self.dataset)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of label value v at index v: ``"background"``, then the benchmark's classes."""
+        return ["background", *class_names(self.dataset)]
+
+
+def clip_es_images(cache: PriorCache | None = None, *, data_root: str | Path | None = None,
+                   list_file: str | Path | None = None, dataset: str | None = None, split: str = "train",
+                   limit: int | None = None) -> ClipEsImages:
+    """Choose the benchmark, the data root and the images the CLIP-ES protocol scores.
+
+    The benchmark is ``dataset``, else the cache's, else
+    :data:`~clipprior.data.specs.DEFAULT_DATASET`; the data root is ``data_root``, else the one
+    the cache records (:func:`~clipprior.evaluate.resolve_data_root`); the images are those of
+    ``list_file`` (:func:`read_image_list`), else every image with a cached VTP
+    (:func:`cache_image_pairs`).
+
+    Args:
+        cache: The prior cache whose CAMs are scored, if any.
+        data_root: The dataset folder with the ground-truth masks.
+        list_file: Images to score: VOC stems, image paths or ``image label`` lines.
+        dataset: A registered benchmark, by name or alias.
+        split: The split whose folders stems (and cached images no episode names) refer to.
+        limit: Score only the first ``limit`` images.
+
+    Returns:
+        :class:`ClipEsImages`.
+
+    Raises:
+        DataNotFoundError: no data root given or recorded, or a missing list file.
+        InvalidInputError: neither ``list_file`` nor ``cache`` (nothing says which images), or an
+            unknown ``dataset``.
+        DatasetError: no image to score.
+
+    Example:
+        >>> images = clip_es_images(PriorCache("train.h5"), data_root="~/data/VOC2012")  # doctest: +SKIP
+        >>> images.dataset, images.n_classes  # doctest: +SKIP
+        ('pascal5i', 21)
+    """
+    facts = cache_facts(cache) if cache is not None else None
+    name = dataset_name(dataset or (facts.dataset if facts and facts.dataset else DEFAULT_DATASET))
+    if data_root is None and (facts is None or not facts.data_root):
+        raise DataNotFoundError("pass --data-root: the dataset folder with the ground-truth masks")
+    if facts is not None:
+        root = resolve_data_root(None if data_root is None else Path(data_root), facts)
+    else:
+        root = Path(str(data_root)).expanduser()  # given: checked above
+    if list_file is not None:
+        pairs = read_image_list(Path(list_file), name, split)
+    elif cache is not None:
+        pairs = cache_image_pairs(cache, name, split)
+    else:
+        raise InvalidInputError("no images to score: pass a list file (--list, e.g. VOC's "
+                                "ImageSets/Segmentation/train.txt) or a cache")
+    if limit:
+        pairs = pairs[:limit]
+    if not pairs:
+        raise DatasetError("no image to score: the list or cache is empty")
+    return ClipEsImages(name, root, pairs)
+
+
+def clip_es_cams(dataset: str, *, cache: PriorCache | None = None, clip: Any = None,
+                 config: PriorConfig | None = None) -> tuple[CamSource, str]:
+    """The CAM source of the CLIP-ES protocol: computed with ``clip`` when given, else read from ``cache``.
+
+    Args:
+        dataset: The benchmark (its prompt names, for :class:`ModelCams`).
+        cache: A prior cache with the VTP of the images (:class:`CachedCams`).
+        clip: A loaded :class:`~clipprior.ClipBundle` (:class:`ModelCams`).
+        config: The prior config of :class:`ModelCams` [default: :class:`~clipprior.PriorConfig`].
+
+    Returns:
+        The source and where its CAMs come from, in words (the cache's path or the model's source).
+
+    Raises:
+        InvalidInputError: neither ``clip`` nor ``cache``.
+
+    Example:
+        >>> cams, source = clip_es_cams("pascal5i", cache=PriorCache("train.h5"))  # doctest: +SKIP
+        >>> source  # doctest: +SKIP
+        'train.h5'
+    """
+    if clip is not None:
+        return ModelCams(clip, dataset, config or PriorConfig()), str(clip.source)
+    if cache is not None:
+        return CachedCams(cache), str(cache.path)
+    raise InvalidInputError("the CLIP-ES protocol needs CAMs: pass a cache or a loaded CLIP to compute them with")
+
+
+@dataclass
+class ClipEsResult:
+    """The CLIP-ES protocol's scores of one run, with what they were computed from.
+
+    Attributes:
+        images: The scored images (:func:`clip_es_images`).
+        source: Where the CAMs came from, in words.
+        scores: ``{prior: {t: scores}}`` (:func:`evaluate_clip_es`).
+        skipped: Images skipped for a missing cached CAM.
+    """
+
+    images: ClipEsImages
+    source: str
+    scores: dict[str, dict[float, ClipEsScores]]
+    skipped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``clipprior evaluate --protocol clip-es --json``), per-class IoUs named.
+
+        The published CLIP-ES numbers are recorded under CLIP-ES's own names
+        (:data:`~clipprior.evaluate.CLIP_ES_REFERENCE_NAMES`).
+        """
+        names = self.images.class_names
+        reference = {CLIP_ES_REFERENCE_NAMES[k]: v for k, v in CLIP_ES_REFERENCE.items()}
+        return {
+            "protocol": "clip-es", "source": self.source, "dataset": self.images.dataset,
+            "images": len(self.images.pairs), "skipped": self.skipped,
+            "reference": {"clip_es_voc_train": reference},
+            "priors": {k: {f"{t:g}": s.to_dict(names) for t, s in by_t.items()} for k, by_t in self.scores.items()},
+        }
