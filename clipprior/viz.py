@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,10 +34,14 @@ from clipprior._resize import resize_bilinear
 from clipprior.errors import InvalidInputError
 from clipprior.preprocess import ImageLike, to_rgb_array
 
+if TYPE_CHECKING:
+    from clipprior.evaluate import EpisodeData
+
 __all__ = [
     "COLORMAPS",
     "HtmlEntry",
     "Tile",
+    "cached_episode_panel",
     "colorbar",
     "colorize",
     "colormap",
@@ -608,6 +612,57 @@ def episode_panel(
     """
     row = episode_row(query, priors, cmap=cmap, **row_kwargs)
     return compose_panel([row], title=title, caption=caption, tile_height=tile_height, cmap=cmap)
+
+
+def cached_episode_panel(
+    data: EpisodeData,
+    class_name: str,
+    *,
+    cmap: str = "jet",
+    tile_height: int = 224,
+    threshold: float = 0.5,
+) -> Image.Image:
+    """The Fig. 4-style panel of one cached episode, as ``clipprior show`` draws it.
+
+    The query with its ground truth, the supports with their masks (the episode's class, binarised
+    by :func:`clipprior.data.fss_mask`), then the priors in the paper's order
+    (:data:`clipprior.cache.PANEL_ORDER`: VVP, VTP raw, VTP refined), each with its IoU at
+    ``threshold``; titled with the episode's number and class, captioned with its file names.
+
+    Args:
+        data: The episode with its pictures (:func:`clipprior.evaluate.load_episode` with ``images=True``).
+        class_name: The name of the episode's class.
+        cmap: Colormap of the heat maps (:data:`COLORMAPS`).
+        tile_height: Picture height in pixels.
+        threshold: Threshold of the IoUs written on the prior tiles.
+
+    Returns:
+        The panel as an RGB image.
+
+    Raises:
+        InvalidInputError: if the episode was loaded without its pictures, or sizes differ.
+
+    Example:
+        >>> data = load_episode(cache, cache.episodes[0], root)  # doctest: +SKIP
+        >>> cached_episode_panel(data, "cat", tile_height=96).save("episode.png")  # doctest: +SKIP
+    """
+    from clipprior.cache import PANEL_ORDER  # local imports: drawing photos needs neither h5py nor the cache
+    from clipprior.data.images import fss_mask
+    from clipprior.evaluate import PRIOR_TITLES
+
+    record = data.record
+    if data.query is None:
+        raise InvalidInputError(f"episode {record.index} was loaded without its pictures; "
+                                "load it with load_episode(..., images=True)")
+    supports = [fss_mask(label, record.class_id) == 1 for label in data.support_labels]
+    priors = {PRIOR_TITLES[str(k.prior)]: data.priors[str(k.prior)] for k in PANEL_ORDER}
+    row = episode_row(
+        data.query, priors, query_mask=data.label, class_id=record.class_id, supports=data.supports,
+        support_masks=supports, class_name=class_name, cmap=cmap, threshold=threshold,
+    )
+    caption = f"query {record.query_image}; supports {', '.join(record.support_images) or '-'}"
+    return compose_panel([row], title=f"episode {record.index}: {class_name} (class {record.class_id})",
+                         caption=caption, tile_height=tile_height, cmap=cmap)
 
 
 # ---------------------------------------------------------------------------------------------- HTML

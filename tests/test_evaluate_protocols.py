@@ -174,3 +174,28 @@ def test_clip_es_result_records_the_reference_under_clip_es_names(fold0: tuple[P
     assert payload["reference"] == {"clip_es_voc_train": {"raw": 58.6, "refined": 70.8}}
     assert payload["dataset"] == "pascal5i" and payload["skipped"] == skipped
     assert list(payload["priors"]["vtp_raw"]["1"]["per_class"])[:2] == ["background", "aeroplane"]
+
+
+def test_episode_scorer_gives_each_episodes_iou_and_the_running_scores(fold0: tuple[Path, Path]) -> None:
+    from clipprior.evaluate import EpisodeScorer, PriorMeter, binary_iou
+
+    path, root = fold0
+    scorer = EpisodeScorer(0.5, kinds=("vvp", "vtp_raw", "vtp_refined"))
+    meters = {k: PriorMeter(thresholds=(0.5,), fixed_threshold=0.5) for k in scorer.kinds}
+    with PriorCache(path) as cache:
+        for record in cache.episodes[:4]:
+            data = load_episode(cache, record, root, images=False)
+            ious = scorer.update(data)
+            assert list(ious) == ["vvp", "vtp_raw", "vtp_refined"]
+            for kind, iou in ious.items():
+                meters[kind].update(data.priors[kind], data.label, record.class_id)
+                assert iou == binary_iou(data.priors[kind], data.label == record.class_id, 0.5,
+                                         valid=data.label != 255)
+            assert ious["vtp_refined"] == 1.0  # the synthetic refined prior is the target
+    results = scorer.results()
+    assert list(results) == ["vvp", "vtp_raw", "vtp_refined"]
+    for kind, scores in results.items():
+        assert scores.miou_fixed == meters[kind].result().miou_fixed and scores.episodes == 4
+    assert EpisodeScorer(0.5).results() == {}
+    with pytest.raises(InvalidInputError, match="unknown prior kind"):
+        EpisodeScorer(0.5, kinds=("vtp",))

@@ -238,3 +238,29 @@ def test_html_index_opens_in_headless_chromium_and_shows_its_images(tmp_path: Pa
     # the panels' jet heat maps put saturated colours on the page: a blank or broken page has none
     saturated = (shot.max(axis=2).astype(int) - shot.min(axis=2)) > 120
     assert saturated.mean() > 0.01
+
+
+def test_cached_episode_panel_draws_the_episode_in_the_papers_order(tmp_path: Path) -> None:
+    from clipprior.cache import PriorCache
+    from clipprior.evaluate import load_episode
+    from clipprior.viz import cached_episode_panel
+    from tests._synthetic_priors import make_synthetic_cache
+
+    path, root = make_synthetic_cache(tmp_path, fold=0, n_episodes=2)
+    with PriorCache(path) as cache:
+        record = cache.episodes[1]
+        data = load_episode(cache, record, root)
+        bare = load_episode(cache, record, root, images=False)
+    panel = cached_episode_panel(data, "bird", tile_height=64, threshold=0.5)
+    label = data.support_labels[0]
+    mask = np.where(label == record.class_id, 1, 0)
+    row = episode_row(data.query, {"VVP": data.priors["vvp"], "VTP raw": data.priors["vtp_raw"],
+                                   "VTP refined": data.priors["vtp_refined"]},
+                      query_mask=data.label, class_id=record.class_id, supports=data.supports,
+                      support_masks=[mask], class_name="bird", threshold=0.5)
+    caption = f"query {record.query_image}; supports {', '.join(record.support_images)}"
+    expected = compose_panel([row], title=f"episode {record.index}: bird (class {record.class_id})",
+                             caption=caption, tile_height=64)
+    np.testing.assert_array_equal(np.asarray(panel), np.asarray(expected))
+    with pytest.raises(InvalidInputError, match="images=True"):
+        cached_episode_panel(bare, "bird")

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import click
-from PIL import Image
 
 from clipprior.cache import PANEL_ORDER, PriorCache
 from clipprior.cli._common import (
@@ -22,17 +21,8 @@ from clipprior.cli._common import (
     writing,
 )
 from clipprior.errors import InvalidInputError
-from clipprior.evaluate import (
-    PRIOR_KINDS,
-    PRIOR_TITLES,
-    EpisodeData,
-    PriorMeter,
-    binary_iou,
-    cache_facts,
-    load_episode,
-    resolve_data_root,
-)
-from clipprior.viz import HtmlEntry, compose_panel, episode_row, write_html_index
+from clipprior.evaluate import PRIOR_TITLES, EpisodeScorer, cache_facts, load_episode, resolve_data_root
+from clipprior.viz import HtmlEntry, cached_episode_panel, write_html_index
 
 __all__ = ["parse_episode_spec", "show"]
 
@@ -85,19 +75,6 @@ def parse_episode_spec(spec: str, available: list[int]) -> list[int]:
     return list(dict.fromkeys(chosen))
 
 
-def _panel(data: EpisodeData, facts_name: str, *, cmap: str, tile_height: int, threshold: float) -> Image.Image:
-    record = data.record
-    supports = [lab == record.class_id for lab in data.support_labels]
-    row = episode_row(
-        data.query, {PRIOR_TITLES[k]: data.priors[k] for k in _PANEL_ORDER}, query_mask=data.label,
-        class_id=record.class_id, supports=data.supports, support_masks=supports, class_name=facts_name,
-        cmap=cmap, threshold=threshold,
-    )
-    caption = f"query {record.query_image}; supports {', '.join(record.support_images) or '-'}"
-    return compose_panel([row], title=f"episode {record.index}: {facts_name} (class {record.class_id})",
-                         caption=caption, tile_height=tile_height, cmap=cmap)
-
-
 @command("show")
 @click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--episodes", "episodes_spec", default=":8", show_default=True, metavar="SPEC",
@@ -138,7 +115,7 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
     out_option = "--out" if html_dir is None or out_dir != html_dir / "episodes" else "--html"
     with writing(out_dir, out_option):
         out_dir.mkdir(parents=True, exist_ok=True)
-    meters = {k: PriorMeter(thresholds=(threshold,), fixed_threshold=threshold) for k in PRIOR_KINDS}
+    scorer = EpisodeScorer(threshold, kinds=_PANEL_ORDER)
     entries: list[HtmlEntry] = []
     with ProgressDisplay(["show episodes"], console=console, transient=True) as progress:
         progress(0, len(chosen))
@@ -147,26 +124,18 @@ def show(cache_path: Path, episodes_spec: str, data_root: Path | None, out_dir: 
             name = facts.class_name(data.record.class_id)
             path = out_dir / f"episode_{index:05d}.png"
             with writing(path, out_option):
-                _panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
+                cached_episode_panel(data, name, cmap=cmap, tile_height=tile_height, threshold=threshold).save(path)
             details = {"query": data.record.query_image.rsplit("/", 1)[-1]}
-            for kind in _PANEL_ORDER:
-                prior = data.priors[kind]
-                if prior is None:
-                    continue
-                meters[kind].update(prior, data.label, data.record.class_id)
-                valid = data.label != 255
-                iou = binary_iou(prior, data.label == data.record.class_id, threshold, valid=valid)
+            for kind, iou in scorer.update(data).items():
                 details[PRIOR_TITLES[kind]] = f"{100 * iou:.1f}" if math.isfinite(iou) else "n/a"
             entries.append(HtmlEntry(path.resolve(), f"episode {index}: {name}", name, details))
             progress.advance("show episodes")
     console.print(f"Wrote {len(chosen)} panel(s) to [bold]{out_dir}[/]")
     if html_dir is not None:
         summary = [["prior", f"mIoU@{threshold:g} (%)", f"FB-IoU@{threshold:g} (%)", "mAP (%)", "episodes"]]
-        for kind in _PANEL_ORDER:
-            if len(meters[kind]):
-                s = meters[kind].result()
-                summary.append([PRIOR_TITLES[kind], f"{100 * s.miou_fixed:.1f}", f"{100 * s.fbiou_fixed:.1f}",
-                                f"{100 * s.map:.1f}", str(s.episodes)])
+        for kind, s in scorer.results().items():
+            summary.append([PRIOR_TITLES[kind], f"{100 * s.miou_fixed:.1f}", f"{100 * s.fbiou_fixed:.1f}",
+                            f"{100 * s.map:.1f}", str(s.episodes)])
         meta = {"cache": str(cache_path), "data": facts.label(), "model": facts.model or "?",
                 "scores": f"over the {len(chosen)} episodes shown, IoU@{threshold:g} per panel"}
         with writing(html_dir, "--html"):

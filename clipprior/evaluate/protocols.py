@@ -30,7 +30,14 @@ from clipprior.data.images import image_size
 from clipprior.data.layout import to_id
 from clipprior.data.specs import DEFAULT_DATASET, get_dataset
 from clipprior.errors import CacheKeyError, DataNotFoundError, DatasetError, InvalidInputError
-from clipprior.evaluate.episodes import CacheFacts, cache_facts, cached_vtp, load_episode, resolve_data_root
+from clipprior.evaluate.episodes import (
+    CacheFacts,
+    EpisodeData,
+    cache_facts,
+    cached_vtp,
+    load_episode,
+    resolve_data_root,
+)
 from clipprior.evaluate.metrics import (
     CLIP_ES_REFERENCE,
     CLIP_ES_REFERENCE_NAMES,
@@ -40,6 +47,7 @@ from clipprior.evaluate.metrics import (
     ClipEsScores,
     PriorMeter,
     PriorScores,
+    binary_iou,
     label_classes,
 )
 
@@ -49,6 +57,7 @@ __all__ = [
     "CamSource",
     "ClipEsImages",
     "ClipEsResult",
+    "EpisodeScorer",
     "FoldResult",
     "ModelCams",
     "cache_image_pairs",
@@ -150,6 +159,58 @@ def evaluate_fold(
         raise InvalidInputError(f"no episode of {cache.path} has a class of {facts.label()} ({fold})")
     scores = {k: m.result(classes=[c for c in classes if c in m.classes]) for k, m in meters.items() if len(m)}
     return FoldResult(facts, scores, missing)
+
+
+class EpisodeScorer:
+    """Scores episodes one at a time at one threshold: each one's IoU, and the FSS scores of them all.
+
+    What ``clipprior show`` writes on its panels and in its HTML summary: per episode and prior,
+    the IoU of ``prior >= threshold`` with the target class (255 ignored, other classes
+    background); over the episodes scored, each prior's :class:`PriorScores` (mIoU, FB-IoU, AP)
+    as :func:`evaluate_fold` accumulates them.
+
+    Args:
+        threshold: The binarisation threshold of the IoUs.
+        kinds: The priors scored, in the order results list them [default: :data:`PRIOR_KINDS`].
+
+    Raises:
+        InvalidInputError: for a prior kind that is not one of :data:`PRIOR_KINDS`.
+
+    Example:
+        >>> scorer = EpisodeScorer(0.5)  # doctest: +SKIP
+        >>> scorer.update(load_episode(cache, cache.episodes[0], root, images=False))  # doctest: +SKIP
+        {'vtp_raw': 0.41, 'vtp_refined': 0.57, 'vvp': 0.33}
+        >>> scorer.results()["vtp_refined"].miou_fixed  # doctest: +SKIP
+        0.57
+    """
+
+    def __init__(self, threshold: float, kinds: Sequence[str] = PRIOR_KINDS) -> None:
+        unknown = [k for k in kinds if k not in PRIOR_KINDS]
+        if unknown:
+            raise InvalidInputError(f"unknown prior kind(s) {unknown}; use some of {', '.join(PRIOR_KINDS)}")
+        self.threshold = float(threshold)
+        self.kinds = tuple(kinds)
+        self._meters = {k: PriorMeter(thresholds=(threshold,), fixed_threshold=threshold) for k in self.kinds}
+
+    def update(self, data: EpisodeData) -> dict[str, float]:
+        """Add one episode; its IoU per prior at the threshold (``nan``: empty prediction and target).
+
+        Priors the episode lacks (``None``) are left out of the result and of the running scores.
+        """
+        class_id = data.record.class_id
+        target, valid = data.label == class_id, data.label != 255
+        ious: dict[str, float] = {}
+        for kind in self.kinds:
+            prior = data.priors.get(kind)
+            if prior is None:
+                continue
+            self._meters[kind].update(prior, data.label, class_id)
+            ious[kind] = binary_iou(prior, target, self.threshold, valid=valid)
+        return ious
+
+    def results(self) -> dict[str, PriorScores]:
+        """The scores over the episodes added, per prior with at least one episode, in :attr:`kinds` order."""
+        return {k: m.result() for k, m in self._meters.items() if len(m)}
 
 
 # ----------------------------------------------------------------------------------- CLIP-ES protocol
