@@ -26,7 +26,7 @@ from typing import Any, Literal
 from clipprior.errors import ConfigError
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DEFAULT_MODEL", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "PriorConfig",
-           "get_preset", "list_presets"]
+           "config_choices", "get_preset", "list_presets"]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 """The CLIP the paper uses (ViT-B/16), as a HuggingFace hub id: every ``--model`` default."""
@@ -48,6 +48,27 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "vvp_mask_resize": ("nearest", "area"),
     "geometry": ("native", "official"),
 }
+
+
+def config_choices(name: str) -> tuple[Any, ...]:
+    """The values a :class:`PriorConfig` field with a fixed set of choices accepts.
+
+    Args:
+        name: The field (``"text_classes"``, ``"geometry"``, ``"vtp_resample"``, ...).
+
+    Returns:
+        Its valid values, the default first.
+
+    Raises:
+        ConfigError: for a field without a fixed set of choices.
+
+    Example:
+        >>> config_choices("geometry")
+        ('native', 'official')
+    """
+    if name not in _CHOICES:
+        raise ConfigError(f"PriorConfig.{name} has no fixed set of choices; fields with one: {', '.join(_CHOICES)}")
+    return _CHOICES[name]
 
 
 _KINDS: dict[str, str] = {

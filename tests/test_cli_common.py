@@ -125,3 +125,36 @@ def test_commands_declare_shared_options_through_common() -> None:
         if path.name == "show.py":
             spelled.discard("--episodes")  # a selection ("0,5,10-20"), not the episode count of lists/precompute
         assert not spelled & shared, (path.name, spelled & shared)
+
+
+def test_folds_default_to_every_fold_of_the_dataset(toy: None) -> None:
+    from clipprior.cli._common import parse_folds
+    from clipprior.errors import InvalidInputError
+
+    assert parse_folds(None, "pascal5i") == [0, 1, 2, 3] and parse_folds(None, "toy") == [0, 1]
+    assert parse_folds("1, 0,1", "coco20i") == [0, 1]
+    with pytest.raises(InvalidInputError, match="folds are 0 and 1"):
+        parse_folds("2", "toy3i")
+    with pytest.raises(InvalidInputError, match=r"e\.g\. 0,1,2,3"):
+        parse_folds("x", "pascal5i")
+
+
+def test_help_texts_and_choices_come_from_the_registries(toy: None) -> None:
+    from clipprior.cache import STORE_MODES
+    from clipprior.cli import _common
+    from clipprior.config import config_choices
+    from clipprior.data import CROWD_MODES
+
+    root_help = _common.data_root_option()(lambda **_: None).__click_params__[0].help  # type: ignore[attr-defined]
+    assert "VOC2012 folder" in root_help and "MSCOCO2014 folder" in root_help
+    episodes_help = _common.n_episodes_option()(lambda **_: None).__click_params__[0].help  # type: ignore[attr-defined]
+    assert "PASCAL-5i 1000, COCO-20i 5000, Toy-3i 7" in episodes_help
+    commands = {"precompute": ("--text-classes", "--geometry", "--store"), "coco-to-masks": ("--crowd",)}
+    choices = {}
+    for name, options in commands.items():
+        params = {p.opts[0]: p for p in app.get_command(None, name).params}  # type: ignore[arg-type,union-attr]
+        choices.update({opt: tuple(params[opt].type.choices) for opt in options})  # type: ignore[attr-defined]
+    assert choices["--text-classes"] == config_choices("text_classes")
+    assert choices["--geometry"] == config_choices("geometry")
+    assert set(choices["--store"]) == set(STORE_MODES) - {"pool"}
+    assert choices["--crowd"] == CROWD_MODES

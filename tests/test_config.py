@@ -153,3 +153,13 @@ def test_json_round_trip_of_any_valid_config(config: PriorConfig) -> None:
     assert again == config and again.to_json() == config.to_json()
     assert PriorConfig().diff(config) == {k: (v, config.to_dict()[k]) for k, v in PriorConfig().to_dict().items()
                                           if v != config.to_dict()[k]}
+
+
+def test_config_choices_are_the_values_the_config_accepts() -> None:
+    from clipprior.config import config_choices
+
+    for value in config_choices("geometry"):
+        assert PriorConfig(geometry=value).geometry == value
+    assert config_choices("text_classes")[0] == PriorConfig().text_classes
+    with pytest.raises(ConfigError, match="no fixed set of choices"):
+        config_choices("geometry_size")

@@ -30,7 +30,7 @@ from rich.text import Text
 
 from clipprior._device import DEVICE_NAMES, DTYPE_NAMES
 from clipprior.config import DEFAULT_MODEL, list_presets
-from clipprior.errors import ClipPriorError
+from clipprior.errors import ClipPriorError, InvalidInputError
 
 __all__ = [
     "CONTEXT_SETTINGS",
@@ -59,6 +59,7 @@ __all__ = [
     "model_option",
     "n_episodes_option",
     "on_error_option",
+    "parse_folds",
     "preset_option",
     "progress_bar",
     "seed_option",
@@ -244,12 +245,20 @@ def clip_options(*, model_default: str | None = DEFAULT_MODEL, model_help: str |
     return decorate
 
 
-def data_root_option(*, required: bool = False,
-                     help: str = "VOC2012 folder (JPEGImages/, SegmentationClassAug/) or MSCOCO2014 folder "
-                                 "(train2014/, val2014/, annotations/{train,val}2014/).") -> Callable[[F], F]:
-    """``--data-root``: the dataset folder (a directory; each command says what it reads there)."""
+def _root_help() -> str:
+    """What a data root is, for each registered benchmark (its :attr:`~clipprior.data.DatasetSpec.root_help`)."""
+    from clipprior.data.specs import all_datasets
+
+    return " or ".join(spec.root_help for spec in all_datasets() if spec.root_help) + "."
+
+
+def data_root_option(*, required: bool = False, help: str | None = None) -> Callable[[F], F]:
+    """``--data-root``: the dataset folder (a directory; each command says what it reads there).
+
+    The default help names each registered benchmark's root folder (:func:`_root_help`).
+    """
     return click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=required,
-                        default=None, help=help)
+                        default=None, help=_root_help() if help is None else help)
 
 
 def split_option(*, default: str | tuple[str, ...] = "val", multiple: bool = False,
@@ -277,8 +286,46 @@ def list_root_option(*, help: str = "Folder of the trainers' list files [default
 
 
 def folds_option(*, help: str = "Comma-separated folds.") -> Callable[[F], F]:
-    """``--folds``: a comma-separated list of folds (the command parses it)."""
-    return click.option("--folds", default="0,1,2,3", show_default=True, help=help)
+    """``--folds``: a comma-separated list of folds (:func:`parse_folds`; default: every fold of ``--dataset``)."""
+    return click.option("--folds", default=None, show_default="every fold of the dataset", help=help)
+
+
+def _and(values: Sequence[object]) -> str:
+    """``[0, 1, 2]`` -> ``"0, 1 and 2"``."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def parse_folds(text: str | None, dataset: str) -> list[int]:
+    """``--folds``: ``"0,2"`` -> ``[0, 2]``, sorted, each a fold of ``dataset``; ``None``: all its folds.
+
+    Args:
+        text: The option's value.
+        dataset: A registered benchmark (its :attr:`~clipprior.data.DatasetSpec.n_folds`).
+
+    Returns:
+        The folds, ascending, without duplicates.
+
+    Raises:
+        InvalidInputError: for text that is not a comma-separated list of the dataset's folds.
+
+    Example:
+        >>> parse_folds("2,0,2", "pascal5i"), parse_folds(None, "coco20i")
+        ([0, 2], [0, 1, 2, 3])
+    """
+    from clipprior.data.specs import get_dataset
+
+    n_folds = get_dataset(dataset).n_folds
+    if text is None:
+        return list(range(n_folds))
+    try:
+        folds = sorted({int(f) for f in text.replace(" ", "").split(",") if f})
+    except ValueError:
+        example = ",".join(str(f) for f in range(n_folds))
+        raise InvalidInputError(f"--folds {text!r} is not a comma-separated list of folds, e.g. {example}") from None
+    if not folds or any(not 0 <= f < n_folds for f in folds):
+        raise InvalidInputError(f"--folds {text!r}: folds are {_and(range(n_folds))}")
+    return folds
 
 
 def shot_option(*, help: str = "Supports per episode.") -> Callable[[F], F]:
@@ -286,10 +333,19 @@ def shot_option(*, help: str = "Supports per episode.") -> Callable[[F], F]:
     return click.option("--shot", type=click.IntRange(1, None), default=1, show_default=True, help=help)
 
 
-def n_episodes_option(*, help: str = "Number of episodes [default: PI-CLIP's count: PASCAL 1000, COCO 5000].",
-                      ) -> Callable[[F], F]:
-    """``--episodes`` (a count, argument ``n_episodes``)."""
-    return click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None, help=help)
+def _episodes_help() -> str:
+    """The default episode counts of the registered benchmarks (PI-CLIP's, :func:`clipprior.data.default_episodes`)."""
+    from clipprior.data.specs import all_datasets
+
+    counts = ", ".join(f"{spec.title} {spec.trainer_episodes['pi-clip']}" for spec in all_datasets()
+                       if "pi-clip" in spec.trainer_episodes)
+    return f"Number of episodes [default: PI-CLIP's count: {counts}]."
+
+
+def n_episodes_option(*, help: str | None = None) -> Callable[[F], F]:
+    """``--episodes`` (a count, argument ``n_episodes``); the default help gives each benchmark's default count."""
+    return click.option("--episodes", "n_episodes", type=click.IntRange(1, None), default=None,
+                        help=_episodes_help() if help is None else help)
 
 
 def seed_option(*, default: int = 321, help: str = "Sampler seed.") -> Callable[[F], F]:

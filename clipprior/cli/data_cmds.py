@@ -19,23 +19,15 @@ from clipprior.cli._common import (
     list_root_option,
     n_episodes_option,
     on_error_option,
+    parse_folds,
     progress_bar,
     seed_option,
     shot_option,
     split_option,
 )
-from clipprior.errors import InvalidInputError
+from clipprior.data.coco import CROWD_MODES
 
 __all__ = ["coco_to_masks", "lists"]
-
-def _parse_folds(text: str) -> list[int]:
-    try:
-        folds = sorted({int(f) for f in text.replace(" ", "").split(",") if f})
-    except ValueError:
-        raise InvalidInputError(f"--folds {text!r} is not a comma-separated list of folds, e.g. 0,1,2,3") from None
-    if not folds or any(not 0 <= f <= 3 for f in folds):
-        raise InvalidInputError(f"--folds {text!r}: folds are 0, 1, 2 and 3")
-    return folds
 
 
 @group("lists")
@@ -68,7 +60,7 @@ def lists() -> None:
 @on_error_option(help="Stop at a missing or unreadable file, or skip it and report.")
 @debug_option
 @handle_errors
-def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: str, splits: tuple[str, ...],
+def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: str | None, splits: tuple[str, ...],
               val_base_list: Path | None, train_base_list: Path | None, path_prefix: str | None, on_error: str,
               debug: bool) -> None:
     r"""Build PFENet/BAM-format list files from the masks, by the trainers' rule.
@@ -89,7 +81,7 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
     from clipprior.data.layout import check_root
     from clipprior.data.report import DataReport
 
-    fold_list = _parse_folds(folds)
+    fold_list = parse_folds(folds, dataset)
     root = check_root(data_root, dataset, tuple(dict.fromkeys(splits)))
     prefix = str(root) if path_prefix is None else path_prefix
     report = DataReport()
@@ -122,7 +114,7 @@ def build_cmd(dataset: str, data_root: Path, coco_split: str, out: Path, folds: 
                    "or only check that files exist.")
 @debug_option
 @handle_errors
-def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | None, folds: str,
+def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | None, folds: str | None,
               splits: tuple[str, ...], decode: bool, debug: bool) -> None:
     r"""Check list files against the data: every file exists, decodes, and masks match images.
 
@@ -142,7 +134,7 @@ def check_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path | 
         table.add_column(column)
     reports = []
     for split in dict.fromkeys(splits):
-        for fold in _parse_folds(folds):
+        for fold in parse_folds(folds, dataset):
             with progress_bar(f"{split} fold {fold}") as progress:
                 ds = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                                   on_error="skip", verify=decode, progress=progress)
@@ -204,7 +196,7 @@ def episodes_cmd(dataset: str, data_root: Path, coco_split: str, list_root: Path
               help="COCO instances file: instances_train2014.json or instances_val2014.json.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Mask folder: MSCOCO2014/annotations/train2014 or .../val2014.")
-@click.option("--crowd", type=click.Choice(["label", "ignore", "drop"]), default="label", show_default=True,
+@click.option("--crowd", type=click.Choice(CROWD_MODES), default=CROWD_MODES[0], show_default=True,
               help="Crowd regions: painted with their class, as 255 (ignore), or left out.")
 @click.option("--keep-empty", is_flag=True, help="Also write all-zero masks for images without annotations.")
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from clipprior.cache import STORE_MODES
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,
@@ -25,9 +26,14 @@ from clipprior.cli._common import (
     shot_option,
     split_option,
 )
+from clipprior.config import config_choices
 from clipprior.errors import InvalidInputError
 
 __all__ = ["parse_batch_size", "parse_shard", "precompute"]
+
+#: ``--store``: the cache's store modes a run asks for (clipprior.cache.STORE_MODES, as
+#: clipprior.precompute.STORE_CHOICES: a "pool" cache is what --supports-per-query makes).
+_STORE_CHOICES: tuple[str, ...] = tuple(mode for mode in STORE_MODES if mode != "pool")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -89,11 +95,11 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
               help="Images per CLIP batch; auto: per image size from the device's memory (halved if it runs out).")
 @click.option("--workers", type=click.IntRange(0, None), default=None,
               help="Load worker threads (decode/resize ahead of the device; 0: none) [default: half the cores, 1-8].")
-@click.option("--text-classes", type=click.Choice(["target", "present"]), default=None,
+@click.option("--text-classes", type=click.Choice(config_choices("text_classes")), default=None,
               help="Softmax class set: target alone (no labels needed) or every class in the query's ground "
                    "truth (the official code; uses labels) [default: from the preset].")
 @preset_option()
-@click.option("--geometry", type=click.Choice(["native", "official"]), default=None,
+@click.option("--geometry", type=click.Choice(config_choices("geometry")), default=None,
               help="Where the priors are computed: each image at its own size (native), or the FSS trainers' "
                    "validation geometry, images stretched to --geometry-size squared, as the official model "
                    "computes its priors (official) [default: from the preset: native].")
@@ -108,7 +114,7 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
               help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
 @coco_split_option()
 @on_error_option()
-@click.option("--store", type=click.Choice(["maps", "features"]), default="maps", show_default=True,
+@click.option("--store", type=click.Choice(_STORE_CHOICES), default=_STORE_CHOICES[0], show_default=True,
               help="maps: the priors of the planned episodes; features: also every query's and (support, class)'s "
                    "VVP features, so the cache serves any episode a trainer draws (docs/training-loop.md).")
 @click.option("--supports-per-query", type=click.IntRange(1, None), default=None, metavar="M",

@@ -33,7 +33,7 @@ from clipprior.data.classes import (
     present_names,
     prompt_names,
 )
-from clipprior.data.coco import CocoMaskStats, OptionalDependencyError, coco_to_masks
+from clipprior.data.coco import CROWD_MODES, CocoMaskStats, OptionalDependencyError, coco_to_masks
 from clipprior.data.dataset import FSSDataset, open_dataset
 from clipprior.data.episodes import (
     TRAINER_EPISODES,
@@ -67,6 +67,7 @@ from clipprior.data.specs import (
 __all__ = [
     "COCO_CLASSES",
     "COCO_PROMPT_NAMES",
+    "CROWD_MODES",
     "DATASETS",
     "MIN_PIXELS",
     "PASCAL_CLASSES",

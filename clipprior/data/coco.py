@@ -34,9 +34,10 @@ from PIL import Image
 from clipprior.data.lists import ProgressFn
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError, InvalidInputError
 
-__all__ = ["CocoMaskStats", "OptionalDependencyError", "coco_category_map", "coco_to_masks"]
+__all__ = ["CROWD_MODES", "CocoMaskStats", "OptionalDependencyError", "coco_category_map", "coco_to_masks"]
 
-_CROWD_MODES = ("label", "ignore", "drop")
+CROWD_MODES: tuple[str, ...] = ("label", "ignore", "drop")
+"""What :func:`coco_to_masks` does with crowd regions (``crowd``), the default first."""
 
 
 class OptionalDependencyError(ClipPriorError, ImportError):
@@ -146,8 +147,8 @@ def coco_to_masks(annotations: str | os.PathLike[str], out_dir: str | os.PathLik
             (the message names the annotation id and image file).
         InvalidInputError: Bad ``crowd``.
     """
-    if crowd not in _CROWD_MODES:
-        raise InvalidInputError(f"crowd must be one of {', '.join(_CROWD_MODES)}, got {crowd!r}")
+    if crowd not in CROWD_MODES:
+        raise InvalidInputError(f"crowd must be one of {', '.join(CROWD_MODES)}, got {crowd!r}")
     mask_api = _mask_api()
     annotations = Path(annotations)
     if not annotations.is_file():
