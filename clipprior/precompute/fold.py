@@ -45,7 +45,7 @@ from clipprior.precompute.features import store_features
 from clipprior.precompute.plan import PrecomputeStats, episode_records, plan_work
 from clipprior.precompute.provenance import build_provenance
 
-__all__ = ["STORE_CHOICES", "FoldEpisodes", "FoldPrecompute", "fold_episodes", "precompute_fold"]
+__all__ = ["PLAN_KINDS", "STORE_CHOICES", "FoldEpisodes", "FoldPrecompute", "fold_episodes", "precompute_fold"]
 
 POOL_STORE = "pool"
 STORE_CHOICES: tuple[str, ...] = tuple(mode for mode in STORE_MODES if mode != POOL_STORE)
