@@ -87,6 +87,22 @@ def test_roundtrip_values_grids_sizes_and_episodes(reference: Path) -> None:
     assert cache.attrs["kind"] == "cache"
 
 
+def test_file_facts_and_manifest_keys_come_from_the_format(tmp_path: Path) -> None:
+    """What ``inspect`` prints about a file is read through PriorCache; the manifest uses the format's names."""
+    whole = PriorCache(run_job(tmp_path / "p.h5"))
+    assert whole.file_kind == fmt.FILE_CACHE and whole.shard is None
+    assert list(whole.run) == list(fmt.RUN_ATTRS) and whole.run[fmt.ATTR_RUN_ID] == whole.attrs[fmt.ATTR_RUN_ID]
+    shard = PriorCache(run_job(tmp_path / "q.h5", shard=(1, 2)))
+    assert shard.file_kind == fmt.FILE_SHARD and shard.shard == (1, 2)
+    run_job(tmp_path / "r.h5", shard=(0, 2), finalize=False)
+    target = shard_path(tmp_path / "r.h5", 0, 2)
+    manifest = json.loads((fmt.parts_dir(target) / fmt.MANIFEST_NAME).read_text())
+    assert set(manifest) == {fmt.ATTR_FORMAT, fmt.ATTR_VERSION, fmt.ATTR_RUN_ID, fmt.ATTR_CREATED,
+                             fmt.ATTR_PROVENANCE, fmt.MANIFEST_SHARD}
+    assert manifest[fmt.MANIFEST_SHARD] == [0, 2] and manifest[fmt.ATTR_FORMAT] == fmt.FORMAT_NAME
+    assert fmt.temp_path(target).name == target.name + ".tmp"
+
+
 def test_sizes_original_and_requested(reference: Path) -> None:
     cache = PriorCache(reference)
     key = image_key(4)

@@ -73,6 +73,7 @@ __all__ = [
     "IMAGES_SIZE",
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "MANIFEST_SHARD",
     "MAP_KINDS",
     "PANEL_ORDER",
     "PRIORS",
@@ -80,12 +81,14 @@ __all__ = [
     "QFEAT_FEATURES",
     "READABLE_VERSIONS",
     "RESERVED_ATTRS",
+    "RUN_ATTRS",
     "SEGMENT_GLOB",
     "SFEAT",
     "SFEAT_FEATURES",
     "SFEAT_MASK",
     "STORE_MODES",
     "TABLES",
+    "TEMP_GLOB",
     "VTP",
     "VTP_CAM",
     "VTP_REFINED",
@@ -100,6 +103,7 @@ __all__ = [
     "segment_name",
     "segment_number",
     "shard_path",
+    "temp_path",
 ]
 
 # ------------------------------------------------------------------------------------------ version
@@ -127,6 +131,9 @@ RESERVED_ATTRS = frozenset({
     ATTR_FORMAT, ATTR_VERSION, ATTR_KIND, ATTR_PROVENANCE, ATTR_RUN_ID, ATTR_CREATED, ATTR_FINALIZED,
     ATTR_SHARD_INDEX, ATTR_SHARD_COUNT,
 })
+
+#: The root attributes that identify the run that wrote a file, in the order reports list them.
+RUN_ATTRS = (ATTR_CREATED, ATTR_FINALIZED, ATTR_RUN_ID)
 
 #: Values of the ``kind`` attribute.
 FILE_CACHE, FILE_SHARD, FILE_SEGMENT = "cache", "shard", "segment"
@@ -267,10 +274,28 @@ def kind(name: str) -> MapKind:
 
 # ------------------------------------------------------------------------------------------- files
 
+#: The run manifest in :func:`parts_dir`: a JSON object whose keys are the root attributes the run's
+#: files get (:data:`ATTR_FORMAT`, :data:`ATTR_VERSION`, :data:`ATTR_RUN_ID`, :data:`ATTR_CREATED`,
+#: :data:`ATTR_PROVENANCE`) and :data:`MANIFEST_SHARD`.
 MANIFEST_NAME = "manifest.json"
+#: The manifest's shard: ``[index, count]``, or null for an unsharded run.
+MANIFEST_SHARD = "shard"
 LOCK_NAME = ".lock"
 #: Glob of the committed segments in :func:`parts_dir` (see :func:`segment_name`).
 SEGMENT_GLOB = "seg-*.h5"
+#: Glob of the files being written in a directory (see :func:`temp_path`): debris once their writer died.
+TEMP_GLOB = "*.tmp"
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """The name a file (cache, segment, manifest) is written under before it is renamed to ``path``.
+
+    Example:
+        >>> temp_path("out/priors.h5").as_posix()
+        'out/priors.h5.tmp'
+    """
+    p = Path(path)
+    return p.with_name(p.name + ".tmp")
 
 
 def parts_dir(path: str | os.PathLike[str]) -> Path:

@@ -301,9 +301,10 @@ def atomic_h5(path: Path, *, what: str = "cache file", in_memory: bool = False,
               needed_bytes: int = 0) -> Iterator[AtomicFile]:
     """Create an HDF5 file that appears at ``path`` complete or not at all.
 
-    The file is written as ``path + ".tmp"``, fsynced, renamed over ``path`` and the directory
-    fsynced. On any error the temporary file is removed and the error is re-raised; a failed write
-    (a full disk included) becomes a :class:`CacheWriteError` naming the file and the fix.
+    The file is written as ``temp_path(path)`` (:func:`clipprior.cache._format.temp_path`), fsynced,
+    renamed over ``path`` and the directory fsynced. On any error the temporary file is removed and
+    the error is re-raised; a failed write (a full disk included) becomes a :class:`CacheWriteError`
+    naming the file and the fix.
 
     HDF5 cannot survive a failed write (it cannot close the file, and the process crashes when HDF5
     shuts down), so HDF5 is never shown one: small files (``in_memory``, the segments) are built in
@@ -324,7 +325,7 @@ def atomic_h5(path: Path, *, what: str = "cache file", in_memory: bool = False,
     Raises:
         CacheWriteError: if the file cannot be written (full disk, quota, permissions, I/O error).
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = fmt.temp_path(path)
     guard: GuardedFile | None = None
     quiet_hdf5()
     try:

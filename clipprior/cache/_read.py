@@ -345,6 +345,36 @@ class PriorCache:
                 if k in fmt.RESERVED_ATTRS and k != fmt.ATTR_PROVENANCE}
 
     @property
+    def file_kind(self) -> str | None:
+        """What the file is: ``"cache"`` or ``"shard"`` (``None`` if it does not say)."""
+        kind = self._index.file.attrs.get(fmt.ATTR_KIND)
+        return None if kind is None else str(kind)
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(index, count)`` of a shard file; ``None`` for a whole cache.
+
+        Example:
+            >>> PriorCache("priors.shard-1-of-4.h5").shard  # doctest: +SKIP
+            (1, 4)
+        """
+        attrs = self._index.file.attrs
+        if fmt.ATTR_SHARD_INDEX not in attrs:
+            return None
+        return int(attrs[fmt.ATTR_SHARD_INDEX]), int(attrs[fmt.ATTR_SHARD_COUNT])
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """What identifies the run that wrote the file: its creation and finalization times and run id.
+
+        Returns:
+            ``{attribute name: value}`` of those the file records (``created_utc``,
+            ``finalized_utc``, ``run_id``), in that order.
+        """
+        attrs = self._index.file.attrs
+        return {name: attrs[name] for name in fmt.RUN_ATTRS if name in attrs}
+
+    @property
     def images(self) -> list[str]:
         """Image keys, sorted."""
         return list(self._index.file.image_keys)

@@ -271,9 +271,8 @@ def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress
 
 def _check(cache: PriorCache, handle: h5py.File, index: FileIndex, progress: Progress | None) -> CheckReport:
     report = CheckReport(episodes=len(cache.episodes))
-    attrs = cache.attrs
-    shard = attrs.get(fmt.ATTR_SHARD_INDEX), attrs.get(fmt.ATTR_SHARD_COUNT)
-    if shard[0] is not None:
+    shard = cache.shard
+    if shard is not None:
         report.notes.append(f"shard {shard[0]}/{shard[1]}: holds part of the episodes' entries; coverage is checked "
                             "by `clipprior merge` (or verify the merged file)")
     else:

@@ -154,7 +154,7 @@ class CacheWriter:
         if manifest is not None and not any(self.parts.glob(fmt.SEGMENT_GLOB)):
             manifest = None  # a run that committed nothing: no work to protect, start afresh
         if manifest is not None:
-            self._check_provenance(manifest.get("provenance", {}), self.parts)
+            self._check_provenance(manifest.get(fmt.ATTR_PROVENANCE, {}), self.parts)
         try:
             try:
                 self.parts.mkdir(parents=True, exist_ok=True)
@@ -210,11 +210,12 @@ class CacheWriter:
 
     def _recover(self, base: FileIndex | None, manifest: dict[str, Any] | None) -> None:
         """Remove debris of a killed run and load the state of the committed work."""
-        for debris in [*self.parts.glob("*.tmp"), self.path.with_name(self.path.name + ".tmp")]:
+        for debris in [*self.parts.glob(fmt.TEMP_GLOB), fmt.temp_path(self.path)]:
             with contextlib.suppress(FileNotFoundError):
                 debris.unlink()
         segments = sorted(self.parts.glob(fmt.SEGMENT_GLOB))
-        if manifest is not None and base is not None and base.attrs.get(fmt.ATTR_RUN_ID) == manifest.get("run_id"):
+        run_id = fmt.ATTR_RUN_ID
+        if manifest is not None and base is not None and base.attrs.get(run_id) == manifest.get(run_id):
             # Killed after the final file was renamed into place but before the parts were removed.
             self._remove_parts(segments, keep_lock=True)
             manifest, segments = None, []
@@ -222,13 +223,13 @@ class CacheWriter:
             if segments:
                 raise CacheError(f"{self.parts} holds segments but no manifest; delete it to start over")
             manifest = {
-                "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "run_id": uuid.uuid4().hex,
-                "created_utc": now_utc(), "provenance": self.provenance,
-                "shard": list(self.shard) if self.shard else None,
+                fmt.ATTR_FORMAT: fmt.FORMAT_NAME, fmt.ATTR_VERSION: fmt.FORMAT_VERSION,
+                fmt.ATTR_RUN_ID: uuid.uuid4().hex, fmt.ATTR_CREATED: now_utc(), fmt.ATTR_PROVENANCE: self.provenance,
+                fmt.MANIFEST_SHARD: list(self.shard) if self.shard else None,
             }
             self._write_json_atomic(self.parts / _MANIFEST, manifest)
-        self._run_id = str(manifest["run_id"])
-        created = manifest["created_utc"]
+        self._run_id = str(manifest[fmt.ATTR_RUN_ID])
+        created = manifest[fmt.ATTR_CREATED]
         self._created = str(base.attrs.get(fmt.ATTR_CREATED, created) if base else created)
         indices = [base] if base is not None else []
         for segment in segments:
@@ -241,7 +242,7 @@ class CacheWriter:
         self._base = base
 
     def _write_json_atomic(self, path: Path, data: Mapping[str, Any]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = fmt.temp_path(path)
         try:
             with open(tmp, "w") as fh:
                 json.dump(data, fh, sort_keys=True, indent=1)

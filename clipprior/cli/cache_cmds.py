@@ -14,8 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from clipprior.cache import PriorCache, check_cache, merge_caches, summarize_cache
-from clipprior.cache import _format as fmt
+from clipprior.cache import VTP_CAM, VTP_REFINED, VVP_MAPS, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cli._common import (
     clip_options,
     command,
@@ -65,11 +64,10 @@ def _grid(value: dict[str, list[int]] | None) -> str:
     return f"{lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}"
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    attrs = summary["attrs"]
-    console.print(f"[bold]{summary['path']}[/]  {_human_bytes(summary['file_bytes'])}, kind {attrs.get('kind', '?')}"
-                  + (f" {attrs['shard_index']}/{attrs['shard_count']}" if "shard_index" in attrs else ""),
-                  highlight=False, soft_wrap=True)
+def _print_summary(summary: dict[str, Any], cache: PriorCache) -> None:
+    shard = cache.shard
+    console.print(f"[bold]{summary['path']}[/]  {_human_bytes(summary['file_bytes'])}, kind {cache.file_kind or '?'}"
+                  + (f" {shard[0]}/{shard[1]}" if shard else ""), highlight=False, soft_wrap=True)
 
     table = Table(title="Provenance", title_justify="left", show_header=False)
     table.add_column("setting", style="cyan")
@@ -78,9 +76,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if name == "config":
             continue
         table.add_row(name, _fmt(value))
-    for name in ("created_utc", "finalized_utc", "run_id"):
-        if name in attrs:
-            table.add_row(name, _fmt(attrs[name]))
+    for name, value in cache.run.items():
+        table.add_row(name, _fmt(value))
     console.print(table)
 
     config = summary["provenance"].get("config")
@@ -158,7 +155,7 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
-        _print_summary(summary)
+        _print_summary(summary, cache)
 
 
 # --------------------------------------------------------------------------------------------- verify
@@ -207,9 +204,9 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[Episode], *, model: 
     for record in episodes:
         fresh = recompute_episode(clip, dataset, record, class_names=names, config=cache.config)
         checks = {
-            fmt.VTP_CAM.label: (cache.vtp(record.query_image, record.class_id, refined=False), fresh.cam),
-            fmt.VTP_REFINED.label: (cache.vtp(record.query_image, record.class_id, refined=True), fresh.refined),
-            fmt.VVP_MAPS.label: (cache.vvp(record.index), fresh.vvp),
+            VTP_CAM.label: (cache.vtp(record.query_image, record.class_id, refined=False), fresh.cam),
+            VTP_REFINED.label: (cache.vtp(record.query_image, record.class_id, refined=True), fresh.refined),
+            VVP_MAPS.label: (cache.vvp(record.index), fresh.vvp),
         }
         for what, (cached, computed) in checks.items():
             if computed is None or tuple(cached.shape) != tuple(computed.shape):
