@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from clipprior._resize import resize_bilinear
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
+from clipprior.cache import VTP_CAM, VTP_REFINED, VVP_MAPS, MapKind
 from clipprior.config import PriorConfig
 from clipprior.data.classes import present_names
 from clipprior.errors import ConfigError, InvalidInputError
@@ -1170,6 +1171,28 @@ class EpisodePriors:
     refined: torch.Tensor
     vvp: torch.Tensor | None
     image_size: tuple[int, int]
+
+    def of(self, kind: MapKind) -> torch.Tensor | None:
+        """The map of one prior kind of the cache format (an element of :data:`clipprior.cache.PRIORS`).
+
+        Args:
+            kind: ``VTP_CAM`` (:attr:`cam`), ``VTP_REFINED`` (:attr:`refined`) or ``VVP_MAPS`` (:attr:`vvp`).
+
+        Returns:
+            That map, as computed (``None`` for the VVP without supports).
+
+        Raises:
+            InvalidInputError: for a kind that is not a prior.
+
+        Example:
+            >>> from clipprior.cache import PRIORS
+            >>> {k.name: p.of(k).shape for k in PRIORS}  # doctest: +SKIP
+            {'vtp/cam': torch.Size([30, 30]), 'vtp/refined': torch.Size([30, 30]), 'vvp/maps': ...}
+        """
+        maps = {VTP_CAM: self.cam, VTP_REFINED: self.refined, VVP_MAPS: self.vvp}
+        if kind not in maps:
+            raise InvalidInputError(f"{kind.name} is not a prior; EpisodePriors holds {[k.name for k in maps]}")
+        return maps[kind]
 
     def resized(self, size: tuple[int, int] | None = None) -> EpisodePriors:
         """The priors resized bilinearly to ``size`` (default: the image size)."""

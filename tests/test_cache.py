@@ -22,6 +22,9 @@ from hypothesis import strategies as st
 import clipprior
 from clipprior import cache as cache_module
 from clipprior.cache import (
+    PRIORS,
+    VTP_REFINED,
+    VVP_MAPS,
     CacheWriter,
     PriorCache,
     _h5,
@@ -101,6 +104,35 @@ def test_file_facts_and_manifest_keys_come_from_the_format(tmp_path: Path) -> No
                              fmt.ATTR_PROVENANCE, fmt.MANIFEST_SHARD}
     assert manifest[fmt.MANIFEST_SHARD] == [0, 2] and manifest[fmt.ATTR_FORMAT] == fmt.FORMAT_NAME
     assert fmt.temp_path(target).name == target.name + ".tmp"
+
+
+def test_priors_by_kind_and_check_counts_per_table(reference: Path) -> None:
+    """PriorCache.prior reads each declared prior kind; check_cache counts entries per declared table."""
+    cache = PriorCache(reference)
+    episode = cache.episode(3)
+    for kind in PRIORS:
+        got = cache.prior(kind, episode, size=(9, 7))
+        want = (cache.vvp(episode.index, size=(9, 7)) if kind is VVP_MAPS else
+                cache.vtp(episode.query, episode.class_id, refined=kind is VTP_REFINED, size=(9, 7)))
+        assert torch.equal(got, want), kind.name
+    with pytest.raises(InvalidInputError, match="not a prior"):
+        cache.prior(fmt.SFEAT_MASK, episode)
+    report = check_cache(cache)
+    assert list(report.entries) == list(fmt.TABLES)
+    assert (report.vtp, report.vvp) == (len(cache.vtp_keys()), len(cache)) == (report.entries["vtp"],
+                                                                              report.entries["vvp"])
+    assert report.describe_entries() == f"{report.vtp:,} VTP and {report.vvp:,} VVP entries"
+
+
+def test_coverage_gaps_have_one_wording_each() -> None:
+    episode = Episode("a.jpg", "a.png", 3, (("b.jpg", "b.png"),), index=7)
+    words = {what: (_cache_union.Gap(7, what, episode).entry, _cache_union.Gap(7, what, episode).problem)
+             for what in ("image", "vtp", "vvp")}
+    assert words == {
+        "image": ("image size of 'a.jpg'", "episode 7: no image size for query 'a.jpg'"),
+        "vtp": ("VTP ('a.jpg', class 3)", "episode 7: VTP ('a.jpg', class 3) is missing"),
+        "vvp": ("VVP of episode 7", "episode 7: VVP is missing"),
+    }
 
 
 def test_sizes_original_and_requested(reference: Path) -> None:

@@ -60,6 +60,7 @@ def test_inspect_tables(runner: CliRunner, cache_file: Path) -> None:
         assert text in result.output, text
     assert f"{len(cache.vtp_keys())} (grids" in result.output
     assert f"{len(cache)} (1-shot)" in result.output
+    assert "features entries" not in result.output  # a maps cache has no rows in the optional feature tables
 
 
 def test_inspect_json(runner: CliRunner, cache_file: Path) -> None:

@@ -497,6 +497,13 @@ def test_compute_priors_end_to_end(clip: ClipBundle) -> None:
     small = pri.resized((20, 30))
     assert small.vvp.shape == (4, 20, 30) and small.image_size == (50, 70)
     assert compute_priors(clip, query, "cat").vvp is None
+    # each prior kind of the cache format names one of its maps
+    from clipprior.cache import MAP_KINDS, PRIORS
+    from clipprior.errors import InvalidInputError
+
+    assert all(a is b for a, b in zip([pri.of(k) for k in PRIORS], [pri.cam, pri.refined, pri.vvp], strict=True))
+    with pytest.raises(InvalidInputError, match="not a prior"):
+        pri.of(next(k for k in MAP_KINDS if not k.prior))
 
 
 def test_compute_priors_imagenet_norm_for_vvp(clip: ClipBundle) -> None:

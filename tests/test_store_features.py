@@ -127,6 +127,25 @@ def test_features_cache_holds_the_declared_feature_tables(features_cache):
                 assert f[kind.name].ndim == 1 + kind.ndim
 
 
+def test_inspect_and_verify_list_the_feature_tables(features_cache):
+    """inspect and verify iterate the declared tables: a features cache shows its optional feature tables."""
+    from click.testing import CliRunner
+
+    from clipprior.cache import TABLES, check_cache
+    from clipprior.cli.main import app
+
+    result = CliRunner().invoke(app, ["inspect", str(features_cache.path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    query, support = len(features_cache.feature_keys()[0]), len(features_cache.feature_keys()[1])
+    assert f"query features entries   │ {query} x " in result.output
+    assert f"support features entries │ {support} x " in result.output
+    report = check_cache(features_cache)
+    assert list(report.entries) == list(TABLES) and report.entries["qfeat"] == query
+    assert report.describe_entries().endswith(f"{query} query features and {support} support features entries")
+    result = CliRunner().invoke(app, ["verify", str(features_cache.path)], terminal_width=200)
+    assert result.exit_code == 0 and report.describe_entries() in result.output
+
+
 def test_feature_packing_round_trip():
     feats = torch.randn(2, 12, 8)
     back = unpack_features(feature_map(feats, (3, 4)), 2)

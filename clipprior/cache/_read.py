@@ -489,6 +489,11 @@ class PriorCache:
         Raises:
             CacheKeyError: if the entry is not cached (the message says how to list the contents).
         """
+        return self._vtp(fmt.VTP_REFINED if refined else fmt.VTP_CAM, image_key, class_id, size, align_corners)
+
+    def _vtp(self, kind: fmt.MapKind, image_key: ImageRef, class_id: int, size: Size,
+             align_corners: bool) -> torch.Tensor:
+        """:meth:`vtp` of one VTP map kind."""
         class_id = self._class_id(class_id)
         idx = self._index
         image_key = self.image_key(image_key)
@@ -501,7 +506,7 @@ class PriorCache:
                                 f"classes {classes}); run `clipprior inspect {self.path}` to see what is cached")
         h, w = idx.file.tables[fmt.VTP.group].grids[row].tolist()
         # Reading the whole padded row (one chunk) and cropping is ~4x faster than a hyperslab.
-        data = self._entry(fmt.VTP_REFINED if refined else fmt.VTP_CAM, row, (image_key, class_id))[:h, :w]
+        data = self._entry(kind, row, (image_key, class_id))[:h, :w]
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, image_key, align_corners)
 
     def vvp(self, episode_index: int | None = None, *, query: ImageRef | None = None, class_id: int | None = None,
@@ -537,6 +542,33 @@ class PriorCache:
         episode = self._index.episode_by_index.get(index)
         query_key = None if episode is None else episode.query_image
         return self._sized(torch.from_numpy(data.astype(np.float32)), size, query_key, align_corners)
+
+    def prior(self, kind: fmt.MapKind, episode: Episode, *, size: Size = None,
+              align_corners: bool = False) -> torch.Tensor:
+        """One prior kind of a planned episode: a VTP kind of its query and class, or its VVP.
+
+        Args:
+            kind: One of :data:`clipprior.cache.PRIORS`.
+            episode: One of :attr:`episodes` (its VVP is read by ``episode.index``).
+            size: As in :meth:`vtp`.
+            align_corners: As in :meth:`vtp`.
+
+        Returns:
+            What :meth:`vtp` (for ``VTP_CAM`` / ``VTP_REFINED``) or :meth:`vvp` (for ``VVP_MAPS``) returns.
+
+        Raises:
+            CacheKeyError: if the entry is not cached.
+            InvalidInputError: for a kind that is not a prior.
+
+        Example:
+            >>> from clipprior.cache import PRIORS
+            >>> maps = {k.prior: cache.prior(k, cache.episode(0)) for k in PRIORS}  # doctest: +SKIP
+        """
+        if kind in fmt.PRIORS and fmt.TABLES[kind.table].keyed_by == "image_class":
+            return self._vtp(kind, episode.query_image, episode.class_id, size, align_corners)
+        if kind == fmt.VVP_MAPS:
+            return self.vvp(episode.index, size=size, align_corners=align_corners)
+        raise InvalidInputError(f"{kind.name} is not a prior; use one of {[k.name for k in fmt.PRIORS]}")
 
     # -- store modes: features (any episode), pool (planned supports per query) -----------------------
 

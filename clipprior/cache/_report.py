@@ -4,9 +4,9 @@ Both stream the maps block by block (bounded memory) and look only at each entry
 at the zero padding around it.
 
 Example:
-    >>> report = CheckReport(problems=[], episodes=2, vtp=2, vvp=2)
-    >>> report.ok
-    True
+    >>> report = CheckReport(problems=[], episodes=2, entries={"vtp": 2, "vvp": 2})
+    >>> report.ok, report.vtp
+    (True, 2)
 """
 
 from __future__ import annotations
@@ -222,16 +222,16 @@ class CheckReport:
     Attributes:
         problems: One line per problem found (empty when the cache is sound).
         episodes: Episodes checked.
-        vtp: VTP entries checked for finite values.
-        vvp: VVP entries checked for finite values.
+        entries: ``{table group: entries checked for finite values}`` per table of
+            :data:`~clipprior.cache.TABLES`, in that order (an optional table the file has no rows
+            of counts 0).
         notes: What was not checked, and why (e.g. coverage of a shard).
         damaged: Every entry that fails its checksum or cannot be decoded, as ``"KIND KEY"``.
     """
 
     problems: list[str] = field(default_factory=list)
     episodes: int = 0
-    vtp: int = 0
-    vvp: int = 0
+    entries: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
 
@@ -239,6 +239,28 @@ class CheckReport:
     def ok(self) -> bool:
         """No problem found."""
         return not self.problems
+
+    @property
+    def vtp(self) -> int:
+        """VTP entries checked (``entries["vtp"]``)."""
+        return self.entries.get(fmt.VTP.group, 0)
+
+    @property
+    def vvp(self) -> int:
+        """VVP entries checked (``entries["vvp"]``)."""
+        return self.entries.get(fmt.VVP.group, 0)
+
+    def describe_entries(self) -> str:
+        """The entries checked, in words: each table the format requires, and each optional one with rows.
+
+        Example:
+            >>> CheckReport(entries={"vtp": 1460, "vvp": 1000, "qfeat": 0, "sfeat": 0}).describe_entries()
+            '1,460 VTP and 1,000 VVP entries'
+        """
+        parts = [f"{self.entries.get(name, 0):,} {table.title}" for name, table in fmt.TABLES.items()
+                 if not table.optional or self.entries.get(name)]
+        words = parts[-1] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return f"{words} entries"
 
 
 def check_cache(path: str | os.PathLike[str] | PriorCache, *, progress: Progress | None = None) -> CheckReport:
@@ -276,15 +298,10 @@ def _check(cache: PriorCache, handle: h5py.File, index: FileIndex, progress: Pro
         report.notes.append(f"shard {shard[0]}/{shard[1]}: holds part of the episodes' entries; coverage is checked "
                             "by `clipprior merge` (or verify the merged file)")
     else:
-        texts = {
-            "image": lambda e: f"episode {e.index}: no image size for query {e.query_image!r}",
-            "vtp": lambda e: f"episode {e.index}: VTP ({e.query_image!r}, class {e.class_id}) is missing",
-            "vvp": lambda e: f"episode {e.index}: VVP is missing",
-        }
         vtp = index.tables[fmt.VTP.group].keys
         vvp = index.tables[fmt.VVP.group].keys
         gaps = coverage_gaps(cache.episodes, set(index.image_keys), set(vtp), set(vvp))
-        report.problems.extend(texts[g.what](g.record) for g in gaps)
+        report.problems.extend(g.problem for g in gaps)
     vvp_table = index.tables[fmt.VVP.group]
     channels, shot = vvp_table.channels.get(fmt.VVP_MAPS.name, 0), cache.shot
     if vvp_table.keys and shot:
@@ -331,6 +348,5 @@ def _check(cache: PriorCache, handle: h5py.File, index: FileIndex, progress: Pro
         if bad:
             shown = ", ".join(repr(keys[r]) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
             report.problems.append(f"{kind.name}: {len(bad)} entries with NaN/inf values ({shown})")
-    report.vtp = len(index.tables[fmt.VTP.group].keys)
-    report.vvp = len(vvp_table.keys)
+    report.entries = {name: len(table.keys) for name, table in index.tables.items()}
     return report

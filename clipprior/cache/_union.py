@@ -203,6 +203,9 @@ def now_utc() -> str:
 class Gap(NamedTuple):
     """An entry an episode needs that a cache lacks.
 
+    Its two wordings, :attr:`entry` (``finalize`` and ``merge``) and :attr:`problem` (``verify``),
+    are the one home of the coverage messages.
+
     Attributes:
         episode: The episode's index.
         what: ``"image"`` (the query's size), ``"vtp"`` (the query's VTP for the episode class) or ``"vvp"``.
@@ -212,6 +215,26 @@ class Gap(NamedTuple):
     episode: int
     what: str
     record: Episode
+
+    @property
+    def entry(self) -> str:
+        """The missing entry, as ``finalize`` and ``merge`` list it (``"VVP of episode 3"``)."""
+        e = self.record
+        return {
+            "image": f"image size of {e.query_image!r}",
+            "vtp": f"VTP ({e.query_image!r}, class {e.class_id})",
+            "vvp": f"VVP of episode {e.index}",
+        }[self.what]
+
+    @property
+    def problem(self) -> str:
+        """The gap as ``verify`` reports it, episode first (``"episode 3: VVP is missing"``)."""
+        e = self.record
+        return {
+            "image": f"episode {e.index}: no image size for query {e.query_image!r}",
+            "vtp": f"episode {e.index}: VTP ({e.query_image!r}, class {e.class_id}) is missing",
+            "vvp": f"episode {e.index}: VVP is missing",
+        }[self.what]
 
 
 def coverage_gaps(episodes: Iterable[Episode], images: Container[str], vtp: Container[tuple[str, int]],
@@ -233,13 +256,8 @@ def coverage_gaps(episodes: Iterable[Episode], images: Container[str], vtp: Cont
 
 def missing_entries(index: SourceUnion) -> list[str]:
     """What the episode table needs but the union lacks (query VTP, VVP, query image size), de-duplicated."""
-    names = {
-        "image": lambda e: f"image size of {e.query_image!r}",
-        "vtp": lambda e: f"VTP ({e.query_image!r}, class {e.class_id})",
-        "vvp": lambda e: f"VVP of episode {e.index}",
-    }
     gaps = coverage_gaps(index.episodes.values(), index.images, index.vtp, index.vvp)
-    return list(dict.fromkeys(names[g.what](g.record) for g in gaps))
+    return list(dict.fromkeys(g.entry for g in gaps))
 
 
 Entry = tuple[int, int, tuple[int, int]]

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from clipprior.cache import VTP_CAM, VTP_REFINED, VVP_MAPS, PriorCache, check_cache, merge_caches, summarize_cache
+from clipprior.cache import PRIORS, TABLES, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cli._common import (
     clip_options,
     command,
@@ -99,9 +99,12 @@ def _print_summary(summary: dict[str, Any], cache: PriorCache) -> None:
     table.add_column("what", style="cyan")
     table.add_column("value")
     table.add_row("images", f"{counts['images']:,} (original sizes {_grid(geometry['image_size'])})")
-    table.add_row("VTP entries", f"{counts['vtp']:,} (grids {_grid(geometry['vtp_grid'])})")
-    table.add_row("VVP entries", f"{counts['vvp']:,} x {counts['vvp_channels']} channels "
-                                 f"(grids {_grid(geometry['vvp_grid'])})")
+    for name, entries in TABLES.items():
+        if entries.optional and not counts[name]:
+            continue  # a table this file has no rows of (a maps cache has no feature tables)
+        channels = f" x {counts[f'{name}_channels']} channels" if f"{name}_channels" in counts else ""
+        table.add_row(f"{entries.title} entries",
+                      f"{counts[name]:,}{channels} (grids {_grid(geometry[f'{name}_grid'])})")
     table.add_row("episodes", f"{counts['episodes']:,} ({counts['shot']}-shot)")
     classes = counts["classes"]
     table.add_row("classes", f"{len(classes)}: " + ", ".join(f"{c} ({n})" for c, n in classes.items()))
@@ -203,12 +206,8 @@ def _recompute_sample(cache: PriorCache, episodes: Sequence[Episode], *, model: 
     problems = []
     for record in episodes:
         fresh = recompute_episode(clip, dataset, record, class_names=names, config=cache.config)
-        checks = {
-            VTP_CAM.label: (cache.vtp(record.query_image, record.class_id, refined=False), fresh.cam),
-            VTP_REFINED.label: (cache.vtp(record.query_image, record.class_id, refined=True), fresh.refined),
-            VVP_MAPS.label: (cache.vvp(record.index), fresh.vvp),
-        }
-        for what, (cached, computed) in checks.items():
+        for kind in PRIORS:
+            what, cached, computed = kind.label, cache.prior(kind, record), fresh.of(kind)
             if computed is None or tuple(cached.shape) != tuple(computed.shape):
                 problems.append(f"episode {record.index}: {what} has shape {tuple(cached.shape)}, recomputed "
                                 f"{None if computed is None else tuple(computed.shape)}")
@@ -257,7 +256,7 @@ def verify_cmd(file: Path, sample: int, seed: int, atol: float, model: str | Non
         chosen = sorted(random.Random(seed).sample(episodes, min(sample, len(episodes))), key=lambda e: e.index)
         problems += _recompute_sample(cache, chosen, model=model, data_root=data_root, device=device, dtype=dtype,
                                       atol=atol)
-    summary = (f"{report.episodes:,} episodes, {report.vtp:,} VTP and {report.vvp:,} VVP entries"
+    summary = (f"{report.episodes:,} episodes, {report.describe_entries()}"
                + (f", {sample} episodes recomputed" if sample > 0 else ""))
     if not problems:
         console.print(f"[bold green]OK[/] {file}: {summary} present and finite.", highlight=False, soft_wrap=True)
