@@ -288,6 +288,36 @@ def test_verify_sample_recomputes_and_catches_tampering(tmp_path, data_root, tin
     assert "VVP differs from a fresh computation" in " ".join(bad.output.split())
 
 
+def test_check_recomputed_compares_every_prior_kind(tmp_path, data_root, tiny_clip_dir):
+    """The library function behind verify --sample: recompute, compare per declared prior kind, note the weights."""
+    import json
+
+    from clipprior.cache import PRIORS
+    from clipprior.precompute import check_recomputed
+
+    out = tmp_path / "p.h5"
+    assert _run_cli(precompute_args(data_root, tiny_clip_dir, out, "--episodes", "4")).exit_code == 0
+    with PriorCache(out) as cache:
+        report = check_recomputed(cache, cache.episodes[:3], data_root=data_root)
+        assert report.ok and report.episodes == 3 and report.notes == []
+        first = cache.episodes[0]
+    with h5py.File(out, "r+") as handle:
+        row = PriorCache(out).vtp_keys().index((first.query_image, first.class_id))
+        handle["vtp/refined"][row] = handle["vtp/refined"][row] + np.float16(0.25)
+        prov = json.loads(handle.attrs["provenance"])
+        handle.attrs["provenance"] = json.dumps({**prov, "weights_sha256": "0" * 64}, sort_keys=True)
+    with PriorCache(out) as cache:
+        report = check_recomputed(cache, [first], data_root=data_root, atol=0.1)
+        labels = {k.label for k in PRIORS}
+        assert report.problems == [f"episode {first.index}: VTP refined differs from a fresh computation by 0.25 "
+                                   "(> --atol 0.1)"] and "VTP refined" in labels
+        assert report.notes == ["the weights' checksum differs from the cache's"]
+        # an explicit model is the caller's choice: no note about the recorded weights
+        assert check_recomputed(cache, [first], data_root=data_root, model=tiny_clip_dir, atol=0.3).notes == []
+    result = CliRunner().invoke(app, ["verify", str(out), "--sample", "1", "--data-root", str(data_root)])
+    assert "Note: the weights' checksum differs from the cache's" in result.output
+
+
 def test_cli_records_the_data_root_that_evaluate_and_show_fall_back_to(tmp_path, data_root, tiny_clip_dir):
     out = tmp_path / "rooted.h5"
     assert _run_cli(precompute_args(data_root, tiny_clip_dir, out)).exit_code == 0

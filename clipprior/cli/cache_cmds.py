@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from clipprior.cache import PRIORS, TABLES, PriorCache, check_cache, merge_caches, summarize_cache
+from clipprior.cache import TABLES, PriorCache, check_cache, merge_caches, summarize_cache
 from clipprior.cli._common import (
     clip_options,
     command,
@@ -166,57 +166,24 @@ def inspect_cmd(file: Path, as_json: bool, max_entries: int, debug: bool) -> Non
 
 def _recompute_sample(cache: PriorCache, episodes: Sequence[Episode], *, model: str | None,
                       data_root: Path | None, device: str, dtype: str, atol: float) -> list[str]:
-    """Recompute the priors of some episodes with the model and compare them with the cache.
+    """``verify --sample``: :func:`clipprior.precompute.check_recomputed` with the command's options.
 
-    The model defaults to the one recorded in the cache; the data root must be given (the cache
-    records the folder it was computed from, which the message names, but a check against the
-    data is only as good as a data root the user chose). Each episode's query VTP (raw and refined) and VVP are
-    recomputed with ``cache.config`` at the image's own geometry, as ``precompute`` does, and
-    compared with the cached float16 maps within ``atol``.
-
-    Args:
-        cache: The cache under test.
-        episodes: The random sample of episodes to recompute.
-        model: ``--model`` (``None``: the model recorded in the cache).
-        data_root: ``--data-root`` (required).
-        device: ``--device``.
-        dtype: ``--dtype``.
-        atol: Largest absolute difference accepted.
-
-    Returns:
-        One line per mismatch (empty when every recomputed prior matches).
+    Prints its notes and returns its problems, one line per mismatch.
 
     Raises:
         CacheError: without ``--data-root``.
     """
-    from clipprior.data import DataRoot, prompt_names
-    from clipprior.model import load_clip
-    from clipprior.precompute import recompute_episode
-
-    prov = cache.provenance
     if data_root is None:
-        recorded = prov.get("data_root")
+        recorded = cache.provenance.get("data_root")
         hint = f" (the cache was computed from {recorded})" if recorded else ""
         raise CacheError(f"verify --sample needs --data-root: the dataset folder to recompute from{hint}")
-    clip = load_clip(model or prov["model"], device=device, dtype=dtype)
-    if model is None and clip.checksum != prov.get("weights_sha256"):
-        console.print("[yellow]Note:[/] the weights' checksum differs from the cache's", highlight=False)
-    dataset = DataRoot(data_root)
-    names = prompt_names(prov["dataset"])
-    problems = []
-    for record in episodes:
-        fresh = recompute_episode(clip, dataset, record, class_names=names, config=cache.config)
-        for kind in PRIORS:
-            what, cached, computed = kind.label, cache.prior(kind, record), fresh.of(kind)
-            if computed is None or tuple(cached.shape) != tuple(computed.shape):
-                problems.append(f"episode {record.index}: {what} has shape {tuple(cached.shape)}, recomputed "
-                                f"{None if computed is None else tuple(computed.shape)}")
-                continue
-            error = float((cached.float() - computed.float().cpu()).abs().max())
-            if not error <= atol:
-                problems.append(f"episode {record.index}: {what} differs from a fresh computation by {error:.3g} "
-                                f"(> --atol {atol:g})")
-    return problems
+    from clipprior.precompute import check_recomputed
+
+    report = check_recomputed(cache, episodes, data_root=data_root, model=model, device=device, dtype=dtype,
+                              atol=atol)
+    for note in report.notes:
+        console.print(f"[yellow]Note:[/] {note}", highlight=False)
+    return report.problems
 
 
 @command("verify")

@@ -39,7 +39,7 @@ Example:
 
 from __future__ import annotations
 
-from clipprior.precompute.engine import recompute_episode, run_precompute
+from clipprior.precompute.engine import check_recomputed, recompute_episode, run_precompute
 from clipprior.precompute.features import feature_plan, store_features
 from clipprior.precompute.fold import STORE_CHOICES, FoldEpisodes, FoldPrecompute, fold_episodes, precompute_fold
 from clipprior.precompute.plan import (
@@ -60,6 +60,7 @@ __all__ = [
     "QueryWork",
     "WorkPlan",
     "build_provenance",
+    "check_recomputed",
     "computation_settings",
     "episode_records",
     "feature_plan",

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from clipprior._memory import release_freed_memory
+from clipprior.cache import PRIORS, CheckReport, PriorCache
 from clipprior.config import PriorConfig
-from clipprior.data.images import fss_mask
+from clipprior.data.classes import prompt_names
+from clipprior.data.episodes import Episode
+from clipprior.data.images import DataRoot, fss_mask
 from clipprior.errors import DatasetError, InvalidInputError
-from clipprior.model import ClipBundle
+from clipprior.model import ClipBundle, load_clip
 from clipprior.precompute.load import (
     Loader,
     LoadFaults,
@@ -334,3 +338,60 @@ def recompute_episode(
         masks.append(fss_mask(dataset.load_label(label), class_id))
     return compute_priors(clip, query, class_names[class_id - 1], supports, masks, config=config,
                           query_label=query_label, class_names=class_names)
+
+
+def check_recomputed(cache: PriorCache, episodes: Sequence[Episode], *, data_root: str | os.PathLike[str],
+                     model: str | os.PathLike[str] | None = None, device: str = "cpu", dtype: str = "fp32",
+                     atol: float = 1e-2) -> CheckReport:
+    """Recompute the priors of some of a cache's episodes with the model and compare them with the cache.
+
+    What ``clipprior verify --sample`` does: each episode's prior kinds (:data:`clipprior.cache.PRIORS`:
+    the query's VTP raw and refined, the episode's VVP) are recomputed with ``cache.config`` at the
+    image's own geometry, as ``precompute`` computes them (:func:`recompute_episode`), and compared
+    with the cached float16 maps within ``atol``.
+
+    Args:
+        cache: The cache under test.
+        episodes: Its episodes to recompute (e.g. a random sample of ``cache.episodes``).
+        data_root: The dataset folder to load the images and masks from (the cache records the
+            folder it was computed from, ``cache.provenance["data_root"]``, but a check against the
+            data is only as good as a data root the caller chose).
+        model: The CLIP to recompute with (``None``: the model recorded in the cache).
+        device: Device of the model.
+        dtype: Its weight dtype (``"fp32"``, ``"fp16"``, ``"bf16"``).
+        atol: Largest absolute difference accepted.
+
+    Returns:
+        A :class:`~clipprior.cache.CheckReport`: one problem per prior that differs or has another
+        shape (empty when every recomputed prior matches), ``episodes`` recomputed, and a note when
+        the recorded model's weights are not the ones the cache records.
+
+    Raises:
+        ModelLoadError: if the model cannot be loaded.
+        DataNotFoundError: if an image or mask is missing under ``data_root``.
+
+    Example:
+        >>> report = check_recomputed(cache, cache.episodes[:5], data_root="~/data/VOC2012")  # doctest: +SKIP
+        >>> report.ok  # doctest: +SKIP
+        True
+    """
+    prov = cache.provenance
+    report = CheckReport(episodes=len(episodes))
+    clip = load_clip(model or prov["model"], device=device, dtype=dtype)
+    if model is None and clip.checksum != prov.get("weights_sha256"):
+        report.notes.append("the weights' checksum differs from the cache's")
+    dataset = DataRoot(data_root)
+    names = prompt_names(prov["dataset"])
+    for record in episodes:
+        fresh = recompute_episode(clip, dataset, record, class_names=names, config=cache.config)
+        for kind in PRIORS:
+            cached, computed = cache.prior(kind, record), fresh.of(kind)
+            if computed is None or tuple(cached.shape) != tuple(computed.shape):
+                report.problems.append(f"episode {record.index}: {kind.label} has shape {tuple(cached.shape)}, "
+                                       f"recomputed {None if computed is None else tuple(computed.shape)}")
+                continue
+            error = float((cached.float() - computed.float().cpu()).abs().max())
+            if not error <= atol:
+                report.problems.append(f"episode {record.index}: {kind.label} differs from a fresh computation by "
+                                       f"{error:.3g} (> --atol {atol:g})")
+    return report
