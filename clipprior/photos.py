@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from clipprior.data.images import pil_to_rgb
 from clipprior.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def load_photo(name: str) -> Photo:
         raise InvalidInputError(f"no bundled photo {name!r}; choose one of {list_photos()}") from None
     folder = resources.files("clipprior").joinpath(_PACKAGE_DIR)
     with folder.joinpath(entry["image"]).open("rb") as f:
-        image = np.asarray(Image.open(f).convert("RGB"))
+        image = pil_to_rgb(Image.open(f), name=f"bundled photo {entry['image']}")
     with folder.joinpath(entry["mask"]).open("rb") as f:
         mask = np.asarray(Image.open(f).convert("L")) > 0
     return Photo(

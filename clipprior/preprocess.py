@@ -18,6 +18,7 @@ from PIL import Image
 
 from clipprior._resize import resize_bilinear, resize_nearest
 from clipprior.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PriorConfig
+from clipprior.data.images import pil_to_rgb
 from clipprior.errors import InvalidInputError
 
 __all__ = [
@@ -48,25 +49,22 @@ _RESAMPLE = {
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Any image (:data:`ImageLike`) as an (H, W, 3) uint8 RGB array: the one RGB converter.
 
-    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are converted. Arrays may be
-    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 (or float in [0, 1]); tensors the same, or
-    channels-first (1 or 3, H, W).
+    PIL images of every mode are converted by :func:`clipprior.data.images.pil_to_rgb`, the
+    converter :func:`~clipprior.data.load_rgb` uses for files, with ``depth="peak"``: a 16-bit (or
+    ``I``) image is scaled to its peak when it exceeds 8 bits, where a file keeps its high byte.
+    Arrays may be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 (or float in [0, 1]); tensors
+    the same, or channels-first (1 or 3, H, W).
 
     Raises:
-        InvalidInputError: for other shapes or dtypes, or non-finite float pixels.
+        InvalidInputError: for other shapes or dtypes, non-finite float pixels, or a PIL mode that
+            cannot be converted to RGB.
 
     Example:
         >>> to_rgb_array(Image.new("L", (4, 2))).shape
         (2, 4, 3)
     """
     if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = array.max() if array.size and array.max() > 255 else 255.0
-            image = Image.fromarray((array * (255.0 / peak)).round().astype(np.uint8), mode="L")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.asarray(image, dtype=np.uint8)
+        return pil_to_rgb(image, depth="peak")
     if isinstance(image, torch.Tensor):
         tensor = image.detach().to("cpu")
         if tensor.ndim == 3 and tensor.shape[0] in (1, 3) and tensor.shape[-1] not in (1, 3, 4):

@@ -124,3 +124,87 @@ def test_load_pair_size_mismatch(tmp_path):
     good = _save(tmp_path, "g.png", Image.fromarray(np.zeros((12, 10), np.uint8)))
     img, lbl = load_pair(image, good)
     assert img.shape == (12, 10, 3) and lbl.shape == (12, 10)
+
+
+# One converter: files (load_rgb) and images in memory (to_rgb_array) convert PIL modes alike.
+
+#: Every PIL mode a file can hold, and a format that stores it.
+FILE_MODES = {"1": "png", "L": "png", "P": "png", "RGB": "png", "RGBA": "png", "LA": "png", "CMYK": "tiff",
+              "YCbCr": "tiff", "LAB": "tiff", "I": "tiff", "F": "tiff", "I;16": "png", "I;16B": "tiff",
+              "RGBX": "tiff"}
+#: And the modes only images in memory have.
+MEMORY_MODES = ("PA", "RGBa", "La", "HSV", "I;16L", "I;16N")
+
+
+def _mode_image(mode):
+    source = Image.fromarray(RGB)
+    if mode == "I":  # values beyond 8 bits, where the rules part
+        return Image.fromarray(RGB[:, :, 0].astype(np.int32) * 3, mode)
+    if mode == "F":  # beyond 8 bits and below 0: clipped either way
+        return Image.fromarray(RGB[:, :, 0].astype(np.float32) * 3.3 - 100, mode)
+    if mode.startswith("I;16"):
+        order = ">" if mode == "I;16B" else "=" if mode == "I;16N" else "<"
+        return Image.frombytes(mode, (10, 12), (RGB[:, :, 0].astype(np.uint16) * 200).astype(f"{order}u2").tobytes())
+    if mode == "PA":
+        return source.quantize(colors=16).convert("PA")
+    if mode == "La":
+        return Image.new("La", (10, 12))
+    return source.convert(mode)
+
+
+@pytest.mark.parametrize("mode", sorted(FILE_MODES))
+def test_files_and_images_in_memory_convert_every_mode_alike(tmp_path, mode):
+    from clipprior.data import pil_to_rgb
+    from clipprior.preprocess import to_rgb_array
+
+    path = tmp_path / f"img.{FILE_MODES[mode]}"
+    _mode_image(mode).save(path)
+    with Image.open(path) as image:
+        image.load()
+        in_memory = to_rgb_array(image)
+        opened = image.mode
+    from_file = load_rgb(path)
+    assert from_file.shape == in_memory.shape == (12, 10, 3) and from_file.dtype == in_memory.dtype == np.uint8
+    values = np.asarray(Image.open(path), dtype=np.float64)
+    if opened.startswith("I;16") or (opened == "I" and values.max() > 255):
+        # The one documented difference (pil_to_rgb's depth): deeper than 8 bits, a file keeps its
+        # high byte (16-bit, as OpenCV) or is clipped (I); an image in memory is scaled to its peak.
+        shifted = np.clip(values, 0, 255) if opened == "I" else values.astype(np.uint16) >> 8
+        np.testing.assert_array_equal(from_file[..., 0], shifted.astype(np.uint8))
+        np.testing.assert_array_equal(in_memory[..., 0], np.round(values * (255.0 / values.max())).astype(np.uint8))
+        with Image.open(path) as image:
+            np.testing.assert_array_equal(pil_to_rgb(image, depth="peak"), in_memory)
+    else:
+        np.testing.assert_array_equal(from_file, in_memory)
+
+
+@pytest.mark.parametrize("mode", sorted(FILE_MODES) + list(MEMORY_MODES))
+def test_both_depth_rules_agree_on_every_mode_within_eight_bits(mode):
+    from clipprior.data import pil_to_rgb
+    from clipprior.errors import InvalidInputError
+    from clipprior.preprocess import to_rgb_array
+
+    image = _mode_image(mode)
+    if mode == "La":  # a mode PIL cannot convert: both entry points say so
+        for convert in (pil_to_rgb, to_rgb_array):
+            with pytest.raises(InvalidInputError, match="'La', which cannot be converted to RGB"):
+                convert(image)
+        return
+    if mode.startswith("I;16") or mode == "I":
+        return  # deeper than 8 bits: the documented difference, tested above
+    np.testing.assert_array_equal(pil_to_rgb(image), to_rgb_array(image))
+    np.testing.assert_array_equal(pil_to_rgb(image), pil_to_rgb(image, depth="peak"))
+
+
+def test_converter_names_the_image_and_the_mode(tmp_path):
+    from clipprior.data import pil_to_rgb
+    from clipprior.errors import InvalidInputError
+    from clipprior.preprocess import to_rgb_array
+
+    odd = Image.new("La", (3, 2))
+    with pytest.raises(InvalidInputError, match=r"image has mode 'La', which cannot be converted to RGB"):
+        to_rgb_array(odd)
+    with pytest.raises(InvalidInputError, match=r"depth='cv2' is not valid"):
+        pil_to_rgb(odd, depth="cv2")
+    sixteen = Image.fromarray(np.full((2, 3), 1000, np.uint16))
+    assert int(pil_to_rgb(sixteen)[0, 0, 0]) == 3 and int(to_rgb_array(sixteen)[0, 0, 0]) == 255

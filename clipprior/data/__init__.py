@@ -45,7 +45,7 @@ from clipprior.data.episodes import (
     sample_episodes,
     write_episodes,
 )
-from clipprior.data.images import DataRoot, fss_mask, load_label, load_pair, load_rgb
+from clipprior.data.images import DataRoot, fss_mask, load_label, load_pair, load_rgb, pil_to_rgb
 from clipprior.data.lists import (
     MIN_PIXELS,
     FssLists,
@@ -99,6 +99,7 @@ __all__ = [
     "load_rgb",
     "num_classes",
     "open_dataset",
+    "pil_to_rgb",
     "pool_episodes",
     "present_classes",
     "present_names",

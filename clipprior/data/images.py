@@ -2,7 +2,8 @@
 
 :func:`load_rgb` returns every image as (H, W, 3) uint8 RGB, whatever its mode: grayscale, CMYK
 (a few COCO JPEGs are), palette, RGBA / LA (alpha dropped), 16-bit grayscale (high byte kept, as
-OpenCV does). :func:`load_label` returns a mask as (H, W) uint8 class indices: single-channel
+OpenCV does); :func:`pil_to_rgb` is that conversion of PIL modes, which images in memory go
+through too. :func:`load_label` returns a mask as (H, W) uint8 class indices: single-channel
 (``L``) PNGs as they are; palette (``P``) PNGs by their indices (the class ids of VOC-style
 masks; OpenCV's grayscale read would turn them into luminances); RGB masks only when their three
 channels are equal. EXIF orientation is *not* applied: masks are stored in the images' stored
@@ -26,13 +27,25 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clipprior.errors import DataNotFoundError, DatasetError
+from clipprior.errors import DataNotFoundError, DatasetError, InvalidInputError
 
-__all__ = ["DataRoot", "check_same_size", "fss_mask", "image_size", "load_label", "load_pair", "load_rgb"]
+__all__ = [
+    "SIXTEEN_BIT_MODES",
+    "DataRoot",
+    "Depth",
+    "check_same_size",
+    "fss_mask",
+    "image_size",
+    "load_label",
+    "load_pair",
+    "load_rgb",
+    "pil_to_rgb",
+]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, UnidentifiedImageError, Image.DecompressionBombError)
 
@@ -68,8 +81,76 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     return height, width
 
 
+#: The 16-bit modes PIL opens integer images deeper than 8 bits in (a 16-bit grayscale PNG is ``I;16``).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+#: How :func:`pil_to_rgb` brings integer images deeper than 8 bits to uint8 (see there).
+Depth = Literal["shift", "peak"]
+
+
+def pil_to_rgb(image: Image.Image, *, depth: Depth = "shift", name: str = "image") -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) uint8 RGB: the one converter of PIL modes.
+
+    :func:`load_rgb` (files) and :func:`clipprior.preprocess.to_rgb_array` (images in memory) both
+    convert with it. Grayscale is replicated; palette images are looked up (through RGBA when the
+    palette has transparency); RGBA / LA / PA drop their alpha without compositing; CMYK, YCbCr
+    and the other colour modes go through PIL's conversion; float (``F``) pixels are clipped to
+    [0, 255] and truncated, as PIL's own conversion does.
+
+    Integer images deeper than 8 bits follow ``depth``:
+
+    * ``"shift"`` (files, :func:`load_rgb`): 16-bit modes keep their high byte, as OpenCV's
+      ``imread`` does (the reference PI-CLIP loaders decode with OpenCV): 1000 becomes 3;
+      32-bit ``I`` pixels are clipped to [0, 255].
+    * ``"peak"`` (in memory, :func:`~clipprior.preprocess.to_rgb_array`): 16-bit and ``I`` pixels
+      are scaled so that the image's maximum becomes 255 when it exceeds 255, and kept when it
+      does not: 1000 alone becomes 255.
+
+    PIL's plain ``convert("RGB")`` clips 16-bit pixels to 255, which neither rule does.
+
+    Args:
+        image: The image (any mode).
+        depth: ``"shift"`` or ``"peak"``, as above.
+        name: What the image is called in errors (``"image JPEGImages/a.jpg"``).
+
+    Returns:
+        (H, W, 3) uint8 array, RGB channel order, C-contiguous.
+
+    Raises:
+        InvalidInputError: for a mode PIL cannot convert to RGB (``La``, ...), or an unknown ``depth``.
+
+    Example:
+        >>> sixteen = Image.fromarray(np.full((2, 3), 1000, np.uint16))
+        >>> int(pil_to_rgb(sixteen)[0, 0, 0]), int(pil_to_rgb(sixteen, depth="peak")[0, 0, 0])
+        (3, 255)
+    """
+    if depth not in ("shift", "peak"):
+        raise InvalidInputError(f"depth={depth!r} is not valid; choose 'shift' (as OpenCV) or 'peak'")
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and depth == "peak"):
+        if depth == "shift":
+            gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        else:
+            array = np.asarray(image, dtype=np.float64)
+            peak = array.max() if array.size and array.max() > 255 else 255.0
+            gray = (array * (255.0 / peak)).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in ("I", "F"):
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # palette transparency must go through RGBA; alpha is then dropped
+    try:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{name} has mode {mode!r}, which cannot be converted to RGB") from err
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise InvalidInputError(f"{name} decoded to shape {array.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(array)
+
+
 def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load an image as RGB.
+    """Load an image as RGB, converting its mode with :func:`pil_to_rgb` (16-bit: high byte, as OpenCV).
 
     Args:
         path: Image file (JPEG, PNG, ...).
@@ -86,23 +167,10 @@ def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
         (366, 500, 3)
     """
     image = _open(path, "image")
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if mode in ("I", "F"):
-        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")  # palette transparency must go through RGBA; alpha is then dropped
     try:
-        rgb = image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"image {path} has mode {mode!r}, which cannot be converted to RGB") from err
-    array = np.asarray(rgb, dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise DatasetError(f"image {path} decoded to shape {array.shape}, expected (H, W, 3)")
-    return np.ascontiguousarray(array)
+        return pil_to_rgb(image, depth="shift", name=f"image {path}")
+    except InvalidInputError as err:
+        raise DatasetError(str(err)) from err
 
 
 def load_label(path: str | os.PathLike[str]) -> np.ndarray:
