@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from clipprior._resize import resize_bilinear
+from clipprior._resize import resize_bilinear, resize_nearest
 from clipprior._vision import embed, patch_grid, run_layer, run_layer_rows, vision_layers
 from clipprior.cache import VTP_CAM, VTP_REFINED, VVP_MAPS, MapKind
 from clipprior.config import PriorConfig
@@ -58,6 +58,7 @@ __all__ = [
     "pir",
     "present_names",
     "sinkhorn",
+    "softmax_classes",
     "support_features",
     "vtp",
     "vtp_pass",
@@ -1048,7 +1049,7 @@ def _grid_mask(labels: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.
     """(N, H, W) labels -> (N, h*w) bool foreground (label == 1) on the patch grid."""
     fg = (labels == 1).float()[:, None]
     if mode == "nearest":
-        small = F.interpolate(fg, size=grid, mode="nearest")
+        small = resize_nearest(fg, grid, exact=False)
     else:
         small = (F.adaptive_avg_pool2d(fg, grid) >= 0.5).float()
     return small[:, 0].reshape(labels.shape[0], -1) > 0
@@ -1205,26 +1206,67 @@ class EpisodePriors:
         )
 
 
-def _present_context(size: tuple[int, int], class_name: str, context: Sequence[str], query_label: object,
-                     class_names: Sequence[str] | None) -> list[str]:
-    """The softmax context of ``text_classes="present"`` for :func:`compute_priors`."""
-    if query_label is None or class_names is None:
-        raise InvalidInputError(
-            "config.text_classes='present' (the official preset) puts the classes present in the query's ground "
-            "truth into the softmax: pass query_label= (the query's (H, W) class ids) and class_names= (prompt name "
-            "of class id c at index c - 1), or use a config with text_classes='target'")
-    if context:
-        raise InvalidInputError(f"context={list(context)} and text_classes='present' both set the softmax classes; "
-                                f"pass query_label= alone (or text_classes='target' with context=)")
-    label = np.asarray(query_label)
-    if label.shape != tuple(size):
-        raise InvalidInputError(f"query_label of size {label.shape} does not match the query image of size "
-                                f"{tuple(size)}; pass the label map of that image")
-    names = list(class_names)
-    if class_name not in names:
-        raise InvalidInputError(f"class {class_name!r} is not among class_names {names[:10]}...; pass the prompt "
-                                f"names the label's class ids refer to")
-    return present_names(label, names.index(class_name) + 1, names)
+def softmax_classes(class_name: str, config: PriorConfig | None = None, *, context: Sequence[str] = (),
+                    query_label: object = None, class_names: Sequence[str] | None = None,
+                    class_id: int | None = None, size: tuple[int, int] | None = None) -> list[str]:
+    """The prompt names of one VTP softmax: the target first, then its context classes, each once.
+
+    With ``config.text_classes == "target"`` the context is ``context`` as given (none: the target
+    alone); with ``"present"`` (the official preset) it is every other class present in the query's
+    ground truth, in class-id order (:func:`present_names`). :func:`compute_priors` and the
+    precompute engine both take their class sets from here.
+
+    Args:
+        class_name: The target's prompt name.
+        config: Knobs (``text_classes``); defaults to :class:`PriorConfig`.
+        context: ``"target"``: extra classes for the softmax. Must be empty with ``"present"``.
+        query_label: ``"present"``: the query's (H, W) class ids.
+        class_names: ``"present"``: prompt name of class id c at index c - 1.
+        class_id: ``"present"``: the target's id in ``query_label`` (default: the position of
+            ``class_name`` in ``class_names``, plus one).
+        size: ``"present"``: the query image's (H, W), which ``query_label`` must match (not checked
+            when ``None``).
+
+    Returns:
+        The class set, target first (what :func:`vtp_pass` takes per pair).
+
+    Raises:
+        InvalidInputError: with ``"present"``: no ``query_label`` or ``class_names``, a ``context``
+            besides, a label of another size than ``size``, or a target not among ``class_names``.
+
+    Example:
+        >>> softmax_classes("cat", context=["dog", "cat"])
+        ['cat', 'dog']
+        >>> from clipprior.config import get_preset
+        >>> label = np.array([[0, 8], [15, 8]], np.uint8)  # class ids
+        >>> names = [f"class{c}" for c in range(1, 21)]
+        >>> softmax_classes("class8", get_preset("official"), query_label=label, class_names=names)
+        ['class8', 'class15']
+    """
+    config = config or PriorConfig()
+    if config.text_classes == "present":
+        if query_label is None or class_names is None:
+            raise InvalidInputError(
+                "config.text_classes='present' (the official preset) puts the classes present in the query's "
+                "ground truth into the softmax: pass query_label= (the query's (H, W) class ids) and class_names= "
+                "(prompt name of class id c at index c - 1), or use a config with text_classes='target'")
+        if context:
+            raise InvalidInputError(f"context={list(context)} and text_classes='present' both set the softmax "
+                                    f"classes; pass query_label= alone (or text_classes='target' with context=)")
+        label = np.asarray(query_label)
+        if size is not None and label.shape != tuple(size):
+            raise InvalidInputError(f"query_label of size {label.shape} does not match the query image of size "
+                                    f"{tuple(size)}; pass the label map of that image")
+        names = list(class_names)
+        if class_id is None:
+            if class_name not in names:
+                raise InvalidInputError(f"class {class_name!r} is not among class_names {names[:10]}...; pass the "
+                                        f"prompt names the label's class ids refer to")
+            class_id = names.index(class_name) + 1
+        context = present_names(label, class_id, names)
+    return _class_sets([class_name], [list(context)])[0]
+
+
 def _prepare_support(image: ImageLike, label: np.ndarray, patch: int, config: PriorConfig
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A support's VVP pixels and label in ``config.geometry`` (see :func:`~clipprior.preprocess.vvp_inputs`)."""
@@ -1287,11 +1329,11 @@ def compute_priors(
         raise InvalidInputError(f"{len(supports)} support images but {len(support_masks)} support masks")
     patch = clip.patch_size
     rgb = to_rgb_array(query)
-    if config.text_classes == "present":
-        context = _present_context(rgb.shape[:2], class_name, context, query_label, class_names)
+    names = softmax_classes(class_name, config, context=context, query_label=query_label, class_names=class_names,
+                            size=rgb.shape[:2])
     pixels = normalize(vtp_image(rgb, patch, config), "clip")[None]
     reuse = config.vvp_shares_query_pass
-    out = vtp(clip, pixels, [class_name], context=[list(context)], config=config, return_attention=True,
+    out = vtp(clip, pixels, [class_name], context=[names[1:]], config=config, return_attention=True,
               return_features=bool(supports) and reuse)
     refined = pir(out.cam, out.attention, config=config).refined
     maps = None

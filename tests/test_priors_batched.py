@@ -183,3 +183,24 @@ def test_compute_priors_honours_text_classes_present(clip):
         compute_priors(clip, image, "cat", config=official, query_label=label[:, :50], class_names=NAMES)
     with pytest.raises(InvalidInputError, match="not among class_names"):
         compute_priors(clip, image, "horse", config=official, query_label=label, class_names=NAMES)
+
+
+@pytest.mark.parametrize("text_classes", ["target", "present"])
+def test_softmax_classes_is_the_class_set_precompute_used(text_classes):
+    """The one home of "target + present classes": the set the engine assembled itself before."""
+    from clipprior import get_preset
+    from clipprior.data import prompt_names
+    from clipprior.priors import present_names, softmax_classes
+
+    names = prompt_names("pascal5i")
+    config = get_preset("official").replace(text_classes=text_classes)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        label = rng.choice([0, 255, *rng.integers(1, 21, 3).tolist()], size=(9, 7)).astype(np.uint8)
+        for c in range(1, 21):
+            before = [names[c - 1]]
+            if text_classes == "present":
+                before += [n for n in present_names(label, c, names) if n not in before]
+            assert softmax_classes(names[c - 1], config, query_label=label, class_names=names, class_id=c) == before
+            assert softmax_classes(names[c - 1], config, query_label=label, class_names=names) == before
+    assert softmax_classes("cat", context=["dog", "cat", "dog"]) == ["cat", "dog"]

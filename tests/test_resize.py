@@ -46,10 +46,21 @@ def test_bilinear_is_per_plane_interpolate() -> None:
     assert torch.allclose(resize_bilinear(x, (8, 9)), expected)
 
 
+@pytest.mark.parametrize("size", [(40, 56), (7, 9), (5, 3), (13, 17)])
+def test_support_grid_mask_is_the_floor_rule_it_was(size: tuple[int, int]) -> None:
+    """priors._grid_mask's "nearest" (vvp_mask_resize) resizes with resize_nearest(exact=False), bit for bit."""
+    from clipprior.priors import _grid_mask
+
+    labels = torch.randint(0, 3, (4, 40, 56))
+    labels[:, :2] = 255
+    old = F.interpolate((labels == 1).float()[:, None], size=size, mode="nearest")[:, 0].reshape(4, -1) > 0
+    assert torch.equal(_grid_mask(labels, size, "nearest"), old)
+
+
 def test_no_other_module_resizes_maps_itself() -> None:
-    """transforms, preprocess, viz and the cache reader resize through clipprior._resize."""
+    """transforms, preprocess, viz, the priors and the cache reader resize through clipprior._resize."""
     root = Path(__file__).parents[1] / "clipprior"
-    for name in ("transforms.py", "preprocess.py", "viz.py", "cache/_read.py"):
+    for name in ("transforms.py", "preprocess.py", "viz.py", "cache/_read.py", "priors.py"):
         tree = ast.parse((root / name).read_text(encoding="utf-8"))
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                  and n.func.attr == "interpolate"]

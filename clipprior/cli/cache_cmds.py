@@ -34,8 +34,6 @@ __all__ = ["inspect_cmd", "merge_cmd", "verify_cmd"]
 # ------------------------------------------------------------------------------------------ helpers
 
 
-
-
 def _human_bytes(n: int | None) -> str:
     if n is None:
         return "-"

@@ -24,7 +24,7 @@ from clipprior.data.report import DataReport, Problem, check_on_error
 from clipprior.errors import ClipPriorError, DataNotFoundError, DatasetError
 from clipprior.precompute.plan import Dataset, QueryWork, SupportKey
 from clipprior.preprocess import normalize, vtp_image, vvp_inputs
-from clipprior.priors import present_names
+from clipprior.priors import present_names, softmax_classes
 
 __all__ = [
     "LoadFaults",
@@ -295,12 +295,8 @@ def query_job(dataset: Dataset, batch: list[QueryWork], patch: int, config: Prio
         def run() -> tuple[tuple[int, int], np.ndarray | None, torch.Tensor, list[list[str]]]:
             rgb, label, resized = load_query_image(dataset, work, patch, config)
             pixels = normalize(resized, "clip")
-            sets = []
-            for c in sorted(work.classes):
-                names = [class_names[c - 1]]
-                if config.text_classes == "present":
-                    names += [n for n in present_names(label, c, class_names) if n not in names]
-                sets.append(names)
+            sets = [softmax_classes(class_names[c - 1], config, query_label=label, class_names=class_names, class_id=c)
+                    for c in sorted(work.classes)]
             keep = None if config.vvp_shares_query_pass else rgb
             return (int(rgb.shape[0]), int(rgb.shape[1])), keep, pixels, sets
         return lambda: _captured(run, work.image)
