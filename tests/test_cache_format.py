@@ -99,6 +99,20 @@ def test_map_kinds_are_declared_once() -> None:
         assert not any(f'"{name}' in src for src in sources.values()), name
 
 
+def test_attribute_and_manifest_names_are_spelled_once() -> None:
+    """Root attributes and manifest keys are named through _format in the package, never by their string."""
+    from clipprior.cli import cache_cmds
+
+    names = {_format.ATTR_FORMAT, _format.ATTR_VERSION, _format.ATTR_RUN_ID, _format.ATTR_CREATED,
+             _format.ATTR_FINALIZED, _format.ATTR_SHARD_INDEX, _format.ATTR_SHARD_COUNT, _format.MANIFEST_SHARD}
+    for module in (_h5, _read, _report, _union, _write, cache_cmds):
+        assert not names & _literals(module), module.__name__
+    # the commands read a cache through the public API only
+    imports = [node for node in ast.walk(ast.parse(inspect.getsource(cache_cmds))) if isinstance(node, ast.ImportFrom)]
+    imported = {node.module or "" for node in imports} | {alias.name for node in imports for alias in node.names}
+    assert not any("_format" in name for name in imported)
+
+
 def _literals(module: object) -> set[str]:
     """The string constants of a module's code (docstrings left out)."""
     tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
