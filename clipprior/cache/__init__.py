@@ -35,8 +35,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipprior.cache._format import (
     FORMAT_NAME,
@@ -56,10 +57,30 @@ from clipprior.cache._format import (
     shard_path,
 )
 from clipprior.cache._format import kind as map_kind
-from clipprior.cache._read import ImageRef, PriorCache, Size, letterbox_prior, resize_prior
-from clipprior.cache._report import CheckReport, check_cache, summarize_cache
-from clipprior.cache._union import as_episode, provenance_diff
-from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environment
+
+if TYPE_CHECKING:
+    from clipprior.cache._read import ImageRef, PriorCache, Size, letterbox_prior, resize_prior
+    from clipprior.cache._report import CheckReport, check_cache, summarize_cache
+    from clipprior.cache._union import provenance_diff
+    from clipprior.cache._write import CacheWriter, merge_caches, shard_from_environment
+
+# The format's declarations (numpy only) load with the package; the reader, writer and reports
+# (torch, h5py) on first use of one of their names (PEP 562), so a command that only needs the
+# declared kinds (its options, its help) starts without torch.
+_LAZY: dict[str, str] = {
+    "ImageRef": "clipprior.cache._read",
+    "PriorCache": "clipprior.cache._read",
+    "Size": "clipprior.cache._read",
+    "letterbox_prior": "clipprior.cache._read",
+    "resize_prior": "clipprior.cache._read",
+    "CheckReport": "clipprior.cache._report",
+    "check_cache": "clipprior.cache._report",
+    "summarize_cache": "clipprior.cache._report",
+    "provenance_diff": "clipprior.cache._union",
+    "CacheWriter": "clipprior.cache._write",
+    "merge_caches": "clipprior.cache._write",
+    "shard_from_environment": "clipprior.cache._write",
+}
 
 __all__ = [
     "FORMAT_NAME",
@@ -96,13 +117,24 @@ __all__ = [
 def _episode_record(index: int, query: str, query_label: str, class_id: int, supports: Any,
                     support_labels: Any) -> Any:
     """The deprecated ``EpisodeRecord(...)`` row constructor: that episode as a numbered ``Episode``."""
+    from clipprior.cache._union import as_episode
+
     return as_episode((index, query, query_label, class_id, supports, support_labels))
 
 
 def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
     if name == "EpisodeRecord":
         warnings.warn("clipprior.cache.EpisodeRecord is deprecated: the cache's episodes are clipprior.Episode, "
                       "numbered (episode.index); build one as Episode(query_image, query_label, class_id, "
                       "((image, label), ...), index=i)", DeprecationWarning, stacklevel=2)
         return _episode_record
     raise AttributeError(f"module 'clipprior.cache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -241,8 +241,6 @@ def _prior(cache: PriorCache, kind: MapKind, record: Episode, shape: tuple[int, 
     VTP comes at the image's original size; VVP is reduced with :func:`vvp_map` and resized
     (``None`` when the episode has no VVP).
     """
-    if kind.table == VTP_CAM.table:
-        return cached_vtp(cache, kind, record.query_image, record.class_id, "original").numpy()
-    if kind == VVP_MAPS:
+    if kind == VVP_MAPS:  # (2K, h, w): reduced to one map, then resized
         return resize_map(vvp_map(cache.vvp(record.index)), shape) if cache.has_vvp(record.index) else None
-    raise InvalidInputError(f"no reader for the prior kind {kind.name}; add one to clipprior.evaluate.episodes._prior")
+    return cache.prior(kind, record, size="original").numpy()
