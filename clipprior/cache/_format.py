@@ -253,6 +253,10 @@ PANEL_ORDER: tuple[MapKind, ...] = (VVP_MAPS, VTP_CAM, VTP_REFINED)
 #: How a cache serves episodes (``provenance["store"]``; absent means ``"maps"``): its planned
 #: episodes' maps, the features that serve any episode, or a pool of planned supports per query and class.
 STORE_MODES: tuple[str, ...] = ("maps", "features", "pool")
+#: The store mode of a pool cache: what a run planning supports per query (not a ``--store``) makes.
+POOL_STORE = "pool"
+#: The store modes a run asks for (``clipprior precompute --store``), the default first.
+STORE_CHOICES: tuple[str, ...] = tuple(mode for mode in STORE_MODES if mode != POOL_STORE)
 
 
 def kinds_of(table: str) -> tuple[MapKind, ...]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from clipprior.cache import STORE_MODES
+from clipprior.cache import STORE_CHOICES
 from clipprior.cli._common import (
     ProgressDisplay,
     clip_options,
@@ -31,9 +31,15 @@ from clipprior.errors import InvalidInputError
 
 __all__ = ["parse_batch_size", "parse_shard", "precompute"]
 
-#: ``--store``: the cache's store modes a run asks for (clipprior.cache.STORE_MODES, as
-#: clipprior.precompute.STORE_CHOICES: a "pool" cache is what --supports-per-query makes).
-_STORE_CHOICES: tuple[str, ...] = tuple(mode for mode in STORE_MODES if mode != "pool")
+
+#: The options that name :func:`clipprior.precompute.check_episode_sources`'s arguments.
+_OPTIONS = {"supports_per_query": "--supports-per-query", "shot": "--shot", "store": "--store",
+            "n_episodes": "--episodes", "episode_file": "--episode-file"}
+
+
+def _option(name: str, value: object = None) -> str:
+    """An argument of the library's checks as this command's option: ``--shot 5``."""
+    return _OPTIONS[name] if value is None else f"{_OPTIONS[name]} {value}"
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -114,7 +120,7 @@ def _default_out(dataset: str, fold: int, split: str, shot: int) -> Path:
               help="Use exactly these episodes (clipprior episode-list file) instead of sampling.")
 @coco_split_option()
 @on_error_option()
-@click.option("--store", type=click.Choice(_STORE_CHOICES), default=_STORE_CHOICES[0], show_default=True,
+@click.option("--store", type=click.Choice(STORE_CHOICES), default=STORE_CHOICES[0], show_default=True,
               help="maps: the priors of the planned episodes; features: also every query's and (support, class)'s "
                    "VVP features, so the cache serves any episode a trainer draws (docs/training-loop.md).")
 @click.option("--supports-per-query", type=click.IntRange(1, None), default=None, metavar="M",
@@ -160,7 +166,7 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     from clipprior._device import local_rank_device
     from clipprior.cache import shard_from_environment
     from clipprior.data import open_dataset
-    from clipprior.precompute import fold_episodes, precompute_fold
+    from clipprior.precompute import check_episode_sources, fold_episodes, precompute_fold
 
     batch = parse_batch_size(batch_size)
     config = get_preset(preset)
@@ -176,15 +182,11 @@ def precompute(dataset: str, fold: int, data_root: Path, split: str, shot: int, 
     console.print(f"[bold]clipprior precompute[/] {dataset} fold {fold} {split}, {shot}-shot -> {out}")
     if base_list is not None and list_root is not None:
         raise click.UsageError("--base-list builds the lists; it cannot be combined with --list-root")
-    if supports_per_query is not None:
-        for given, name in ((store == "features", "--store features"), (n_episodes is not None, "--episodes"),
-                            (episode_file is not None, "--episode-file")):
-            if given:
-                raise click.UsageError(f"--supports-per-query plans its own episodes (a pool per query and class); "
-                                       f"it cannot be combined with {name}")
-        if shot > supports_per_query:
-            raise click.UsageError(f"--shot {shot} needs at least {shot} supports per query: "
-                                   f"use --supports-per-query {shot} or more")
+    try:  # before the data is opened: a usage error
+        check_episode_sources(supports_per_query, shot=shot, store=store, n_episodes=n_episodes,
+                              episode_file=episode_file, spell=_option)
+    except InvalidInputError as err:
+        raise click.UsageError(str(err)) from None
     data = open_dataset(dataset, data_root, fold, split, list_root=list_root, coco_split=coco_split,
                         on_error=on_error, base_list=base_list)
     chosen = fold_episodes(data, shot=shot, seed=seed, n_episodes=n_episodes,

@@ -41,7 +41,14 @@ from __future__ import annotations
 
 from clipprior.precompute.engine import check_recomputed, recompute_episode, run_precompute
 from clipprior.precompute.features import feature_plan, store_features
-from clipprior.precompute.fold import STORE_CHOICES, FoldEpisodes, FoldPrecompute, fold_episodes, precompute_fold
+from clipprior.precompute.fold import (
+    STORE_CHOICES,
+    FoldEpisodes,
+    FoldPrecompute,
+    check_episode_sources,
+    fold_episodes,
+    precompute_fold,
+)
 from clipprior.precompute.plan import (
     PrecomputeStats,
     QueryWork,
@@ -60,6 +67,7 @@ __all__ = [
     "QueryWork",
     "WorkPlan",
     "build_provenance",
+    "check_episode_sources",
     "check_recomputed",
     "computation_settings",
     "episode_records",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipprior.cache import STORE_MODES, CacheWriter
+from clipprior.cache import POOL_STORE, STORE_CHOICES, CacheWriter
 from clipprior.config import PriorConfig
 from clipprior.data import (
     Episode,
@@ -45,11 +45,15 @@ from clipprior.precompute.features import store_features
 from clipprior.precompute.plan import PrecomputeStats, episode_records, plan_work
 from clipprior.precompute.provenance import build_provenance
 
-__all__ = ["PLAN_KINDS", "STORE_CHOICES", "FoldEpisodes", "FoldPrecompute", "fold_episodes", "precompute_fold"]
-
-POOL_STORE = "pool"
-STORE_CHOICES: tuple[str, ...] = tuple(mode for mode in STORE_MODES if mode != POOL_STORE)
-"""The store modes a run asks for (``"maps"``, ``"features"``); a pool cache comes from ``supports_per_query``."""
+__all__ = [
+    "PLAN_KINDS",
+    "STORE_CHOICES",
+    "FoldEpisodes",
+    "FoldPrecompute",
+    "check_episode_sources",
+    "fold_episodes",
+    "precompute_fold",
+]
 
 PLAN_KINDS: tuple[str, ...] = ("query", "support", "episode", "query_features", "support_features")
 """The ``kind`` of :func:`precompute_fold`'s ``on_plan`` and ``progress`` callbacks, in the order they start."""
@@ -94,6 +98,49 @@ class FoldPrecompute:
     provenance: dict[str, Any]
 
 
+def _argument(name: str, value: object = None) -> str:
+    """How the library names an argument in messages: ``n_episodes``, ``shot=3``."""
+    return name if value is None else f"{name}={value!r}"
+
+
+def check_episode_sources(supports_per_query: int | None, *, shot: int = 1, store: str = "maps",
+                          n_episodes: int | None = None, episode_file: object = None,
+                          spell: Callable[..., str] = _argument) -> None:
+    """Refuse what a support pool cannot be combined with.
+
+    The one check of :func:`fold_episodes`, :func:`precompute_fold` and ``clipprior precompute``
+    (which runs it before opening the data, as a usage error).
+
+    Args:
+        supports_per_query: The pool size M (``None``: no pool, nothing to check).
+        shot: Supports per episode the pool must serve (at most M).
+        store: The requested store (a pool is a maps store of its own).
+        n_episodes: A requested episode count (a pool plans its own episodes).
+        episode_file: A requested episode file (likewise).
+        spell: ``spell(name)`` / ``spell(name, value)``: how the caller names an argument in the
+            message (the CLI names its options: ``--shot 5``).
+
+    Raises:
+        InvalidInputError: for a pool with another store, an episode count or file, or ``shot > M``.
+
+    Example:
+        >>> check_episode_sources(2, shot=3)
+        Traceback (most recent call last):
+        ...
+        clipprior.errors.InvalidInputError: shot=3 needs at least 3 supports per query: use supports_per_query=3 or more
+    """
+    if supports_per_query is None:
+        return
+    for given, name in ((store != "maps", spell("store", store)), (n_episodes is not None, spell("n_episodes")),
+                        (episode_file is not None, spell("episode_file"))):
+        if given:
+            raise InvalidInputError(f"{spell('supports_per_query')} plans its own episodes (a pool per query and "
+                                    f"class); it cannot be combined with {name}")
+    if shot > supports_per_query:
+        raise InvalidInputError(f"{spell('shot', shot)} needs at least {shot} supports per query: "
+                                f"use {spell('supports_per_query', shot)} or more")
+
+
 def fold_episodes(dataset: FSSDataset, *, shot: int = 1, seed: int = 0, n_episodes: int | None = None,
                   episode_file: str | os.PathLike[str] | None = None,
                   supports_per_query: int | None = None) -> FoldEpisodes:
@@ -124,20 +171,12 @@ def fold_episodes(dataset: FSSDataset, *, shot: int = 1, seed: int = 0, n_episod
         >>> len(chosen.episodes), chosen.pool  # doctest: +SKIP
         (8, False)
     """
+    check_episode_sources(supports_per_query, shot=shot, n_episodes=n_episodes, episode_file=episode_file)
     if episode_file is not None:
-        if supports_per_query is not None:
-            raise InvalidInputError("supports_per_query plans its own episodes (a pool per query and class); "
-                                    "it cannot be combined with episode_file")
         episodes, meta = read_episodes(episode_file)
         meta.check_dataset(dataset)
         return FoldEpisodes(episodes, episodes[0].shot if episodes else shot, int(meta.seed))
     if supports_per_query is not None:
-        if n_episodes is not None:
-            raise InvalidInputError("supports_per_query plans its own episodes (a pool per query and class); "
-                                    "it cannot be combined with n_episodes")
-        if shot > supports_per_query:
-            raise InvalidInputError(f"shot={shot} needs at least {shot} supports per query: "
-                                    f"pass supports_per_query={shot} or more")
         # one-shot entries: any K <= M of a pool make an episode
         return FoldEpisodes(pool_episodes(dataset, supports_per_query, seed=seed), 1, seed, supports_per_query)
     count = n_episodes or default_episodes(dataset.name)
@@ -218,9 +257,7 @@ def precompute_fold(
     """
     if store not in STORE_CHOICES:
         raise InvalidInputError(f"store={store!r} is not one of {', '.join(STORE_CHOICES)}")
-    if chosen.pool and store != "maps":
-        raise InvalidInputError(f"store={store!r}: a pool (supports_per_query) plans its own episodes; "
-                                f"pass store='maps'")
+    check_episode_sources(chosen.supports_per_query, store=store)
     config = config or PriorConfig()
     recorded_store = POOL_STORE if chosen.pool else store
     names = list(class_names) if class_names is not None else prompt_names(dataset.name)
